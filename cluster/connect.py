@@ -1,0 +1,48 @@
+"""The one place every job gets its Ray: an existing cluster or an embedded local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from cluster.config import ClusterConfig
+from cluster.sizing import local_ray_size
+
+log = logging.getLogger(__name__)
+
+
+def ray_init(cfg: ClusterConfig | None = None):
+    """Connect to ``cfg.address`` / ``RAY_ADDRESS``, else start a local Ray sized for the demo.
+
+    Idempotent: a second call in the same process returns the running context.
+    """
+    import psutil
+    import ray
+
+    cfg = cfg or ClusterConfig()
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    runtime_env = {"env_vars": dict(cfg.env_vars)} if cfg.env_vars else None
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        size = local_ray_size(
+            physical_cores=os.cpu_count() or 1,
+            total_memory_bytes=psutil.virtual_memory().total,
+            num_cpus=cfg.local.num_cpus,
+            object_store_memory_mb=cfg.local.object_store_memory_mb,
+        )
+        log.info(
+            "starting local Ray: %d logical CPUs, %d MiB object store",
+            size.num_cpus,
+            size.object_store_memory >> 20,
+        )
+        ray.init(
+            num_cpus=size.num_cpus,
+            object_store_memory=size.object_store_memory,
+            include_dashboard=cfg.local.include_dashboard,
+            runtime_env=runtime_env,
+        )
+    return ray.get_runtime_context()

@@ -1,0 +1,64 @@
+"""Artifact locations: a local path or an ``s3://bucket/key`` URI, everywhere.
+
+Every stage reads and writes through pyarrow's filesystem layer so the same code
+serves a laptop directory and an S3 bucket (or an S3-protocol server such as
+MinIO or moto, chosen with ``AWS_ENDPOINT_URL``). Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+from urllib.parse import urlparse
+
+from pydantic import AfterValidator
+
+# "demo:" names an artifact of the offline demo world, resolved to a local path at run time.
+_SCHEMES = ("", "file", "s3", "demo")
+
+
+def check_location(value: str) -> str:
+    """Reject locations no stage can use before any work starts."""
+    if not value or not value.strip():
+        raise ValueError("must be a non-empty local path or s3:// URI")
+    scheme = urlparse(value).scheme
+    # Windows drive letters ("C:\\...") parse as a one-letter scheme.
+    if len(scheme) > 1 and scheme not in _SCHEMES:
+        raise ValueError(f"unsupported scheme '{scheme}://' (use a local path or s3://bucket/prefix)")
+    if scheme == "s3" and not urlparse(value).netloc:
+        raise ValueError("s3:// URI needs a bucket, e.g. s3://my-bucket/raystill")
+    return value
+
+
+Location = Annotated[str, AfterValidator(check_location)]
+
+
+def is_s3(location: str) -> bool:
+    return location.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path segments with '/' for URIs and os.sep semantics for local paths."""
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return os.path.join(base, *parts)
+
+
+def filesystem(location: str):
+    """Return ``(pyarrow_filesystem, path_within_it)`` for a location.
+
+    S3 endpoint, region and credentials come from the standard AWS environment
+    variables (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, ...), never from YAML,
+    so secrets stay out of configs and Kubernetes can inject them from Secrets.
+    """
+    from pyarrow import fs
+
+    if is_s3(location):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        if endpoint:
+            parsed = urlparse(endpoint)
+            kwargs["endpoint_override"] = parsed.netloc or endpoint
+            kwargs["scheme"] = parsed.scheme or "https"
+        return fs.S3FileSystem(**kwargs), location[len("s3://"):]
+    return fs.LocalFileSystem(), os.path.abspath(location)

@@ -1,0 +1,1 @@
+"""raystill datasets_pipeline."""

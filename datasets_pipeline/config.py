@@ -1,0 +1,85 @@
+"""Generation stage config: read prompts, ask the teacher, preprocess for the student."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.storage import Location
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(_Strict):
+    """Where prompts come from and which fields hold what."""
+
+    path: Location = Field(description="JSONL file/dir, Parquet file/dir or a `datasets` save_to_disk dir; local or s3://.")
+    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = Field("auto", description="Source format; 'auto' guesses from the path.")
+    prompt_field: str | None = Field(None, description="Field holding a plain-text prompt.")
+    messages_field: str | None = Field("messages", description="Field holding chat `messages` (list of {role, content}).")
+    system_field: str | None = Field(None, description="Optional field holding a system prompt.")
+    answer_field: str | None = Field("answer", description="Optional field holding the reference answer.")
+    id_field: str | None = Field("id", description="Optional stable row id; a content hash is used when absent.")
+    max_prompt_chars: int = Field(8000, ge=1, description="Longer prompts are rejected (with the reason) rather than sent.")
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows (smoke runs).")
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self):
+        if not self.prompt_field and not self.messages_field:
+            raise ValueError("set prompt_field or messages_field")
+        return self
+
+
+class SamplingConfig(_Strict):
+    n: int = Field(1, ge=1, le=64, description="Samples per prompt.")
+    temperature: float = Field(0.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1)
+    seed: int = Field(0)
+    logprobs_topk: int = Field(0, ge=0, le=64, description="Teacher top-k logprobs stored per generated token (0 = off).")
+
+
+class EngineConfig(_Strict):
+    """The vLLM actor pool. CPU vs GPU is only this block."""
+
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    accelerator_type: str | None = Field(None, description="Ray accelerator type on GPU clusters, e.g. 'A10G'.")
+    tensor_parallel_size: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=1, description="Engine actors kept alive.")
+    max_replicas: int = Field(1, ge=1, description="Engine actors the pool may scale to.")
+    batch_size: int = Field(64, ge=1, description="Rows per engine batch.")
+    max_model_len: int | None = Field(None, ge=16)
+    memory_utilization: float = Field(0.15, gt=0.0, le=0.95, description="vLLM gpu_memory_utilization; on CPU the share of host RAM.")
+    enforce_eager: bool = True
+
+    @model_validator(mode="after")
+    def _replicas(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+class PreprocessConfig(_Strict):
+    reasoning: Literal["keep", "strip"] = Field("keep", description="Keep the <think> trace in the training target or strip it.")
+    checker: str = Field("numeric", description="Answer checker name: 'exact' or 'numeric'.")
+    keep: Literal["all", "verified", "best_of_n"] = Field("verified", description="Rejection sampling policy.")
+    drop_truncated: bool = True
+    dedupe: bool = True
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    split_seed: int = 0
+
+
+class GenerationConfig(_Strict):
+    """Teacher generation through ray.data.llm, streamed into student preprocessing."""
+
+    teacher: str = Field(description="Teacher model: local dir, s3:// URI or 'demo:teacher'.")
+    input: InputConfig
+    output: Location = Field(description="Where Parquet shards and the manifest go.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    student_tokenizer: str | None = Field(None, description="Student tokenizer; defaults to distillation.student.")
+    student_max_len: int | None = Field(None, ge=16, description="Student context; defaults to distillation.max_seq_len.")

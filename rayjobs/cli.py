@@ -1,0 +1,110 @@
+"""The ``raystill`` command line.
+
+Every command that takes a config accepts ``--set PATH=VALUE`` overrides. Config
+problems print one line per problem and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from rayjobs.config import ConfigError, load_config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline config YAML (see examples/configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a field, e.g. --set distillation.optim.lr=1e-4 (repeatable)",
+    )
+
+
+def _cmd_config_show(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_config_validate(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(f"{args.config}: OK (run '{cfg.name}', config digest {cfg.digest()})")
+    return 0
+
+
+def _cmd_demo_prepare(args) -> int:
+    from rayjobs.demo.world import prepare
+
+    world = prepare(args.cache_dir)
+    print(f"demo world ready at {world.root}")
+    print(f"  teacher:  {world.teacher}  (held-out EM {world.teacher_em:.3f})")
+    print(f"  student:  {world.student}")
+    print(f"  student (teacher's tokenizer): {world.student_same_tokenizer}")
+    print(f"  prompts:  {world.train_jsonl}, {world.heldout_jsonl}")
+    return 0
+
+
+def _cmd_demo_eval(args) -> int:
+    from rayjobs.demo.evaluate import exact_match
+    from rayjobs.demo.world import prepare
+
+    world = prepare(args.cache_dir, progress=(lambda *_: None) if args.json else print)
+    result = {"n": None}
+    for key, model in (("teacher", world.teacher), ("student", world.student),
+                       ("student_same_tokenizer", world.student_same_tokenizer)):
+        r = exact_match(model, world.heldout_jsonl, limit=args.limit)
+        result[f"{key}_em"] = r["em"]
+        result["n"] = r["n"]
+        if not args.json:
+            print(f"{key:>24}: EM {r['em']:.3f} on {r['n']} held-out prompts ({r['tokens_per_s']:.0f} tokens/s)")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raystill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="inspect and check pipeline configs").add_subparsers(
+        dest="action", required=True
+    )
+    show = config.add_parser("show", help="print the resolved config (defaults and overrides applied)")
+    _config_args(show)
+    show.set_defaults(func=_cmd_config_show)
+    validate = config.add_parser("validate", help="check a config; exit 2 with one line per problem")
+    _config_args(validate)
+    validate.set_defaults(func=_cmd_config_validate)
+
+    demo = sub.add_parser("demo", help="the offline demo world (tiny teacher, students, task)").add_subparsers(
+        dest="action", required=True
+    )
+    prep = demo.add_parser("prepare", help="build the demo world, or reuse the cached one")
+    prep.add_argument("--cache-dir", default=None, help="default: $RAYSTILL_CACHE or ~/.cache/raystill")
+    prep.set_defaults(func=_cmd_demo_prepare)
+    ev = demo.add_parser("eval", help="held-out exact match of the demo teacher and students")
+    ev.add_argument("--cache-dir", default=None)
+    ev.add_argument("--limit", type=int, default=None, help="evaluate on the first N held-out prompts")
+    ev.add_argument("--json", action="store_true", help="print one JSON line")
+    ev.set_defaults(func=_cmd_demo_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}".replace("\n", "\nerror: "), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The pipeline config: every stage's config composed, loaded from YAML with --set overrides.
+
+Loading never raises a pydantic traceback at the user: every problem becomes a
+``ConfigError`` whose lines each name the file, the field path and what is expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster.config import ClusterConfig
+from cluster.storage import Location, join
+from datasets_pipeline.config import GenerationConfig
+from rayjobs.distill_config import DistillationConfig
+from service.config import ServingConfig
+
+
+class PipelineConfig(BaseModel):
+    """generate -> distill -> merge -> evaluate -> serve, one file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; artifacts go to runs_root/name.")
+    runs_root: Location = Field("runs", description="Parent of every run directory; local or s3://.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    generation: GenerationConfig
+    distillation: DistillationConfig
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+
+    @model_validator(mode="after")
+    def _link_stages(self):
+        """Fill cross-stage defaults so each stage config is complete on its own."""
+        if self.generation.student_tokenizer is None:
+            self.generation.student_tokenizer = self.distillation.student
+        if self.generation.student_max_len is None:
+            self.generation.student_max_len = self.distillation.max_seq_len
+        if self.distillation.data is None:
+            self.distillation.data = self.generation.output
+        if self.serving.model is None:
+            self.serving.model = join(self.distillation.output, "merged")
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return join(self.runs_root, self.name)
+
+    def digest(self) -> str:
+        """Short hash of the resolved config, recorded in manifests to tie outputs to inputs."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased for the user (one line per problem)."""
+
+
+def _parse_value(raw: str) -> Any:
+    """Override values are YAML scalars/flow collections: '3', 'true', 'null', '[a, b]'."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a raw config dict (before validation)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected PATH=VALUE, e.g. distillation.optim.lr=1e-4")
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"--set {key}: '{where}' is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see `raystill config show` for valid keys)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        got = e.get("input")
+        suffix = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{source}: {path}: {msg}{suffix}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    data = apply_overrides(read_yaml(path), overrides or [])
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(str(path), e)) from None

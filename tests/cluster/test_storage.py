@@ -1,0 +1,26 @@
+import pytest
+
+from cluster.storage import check_location, filesystem, join
+
+
+@pytest.mark.parametrize("loc", ["runs/x", "/abs/path", "s3://bucket/prefix", "file:///tmp/x", "demo:train"])
+def test_accepted_locations(loc):
+    assert check_location(loc) == loc
+
+
+@pytest.mark.parametrize("loc, msg", [("", "non-empty"), ("gs://b/x", "unsupported scheme"), ("s3://", "needs a bucket")])
+def test_rejected_locations(loc, msg):
+    with pytest.raises(ValueError, match=msg):
+        check_location(loc)
+
+
+def test_join():
+    assert join("s3://b/runs/", "demo", "/gen") == "s3://b/runs/demo/gen"
+    assert join("runs", "demo") == "runs/demo"
+
+
+def test_s3_filesystem_uses_endpoint_env(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    fs, path = filesystem("s3://bucket/key")
+    assert path == "bucket/key"
+    assert type(fs).__name__ == "S3FileSystem"

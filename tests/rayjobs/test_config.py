@@ -1,0 +1,116 @@
+"""Config loading, overrides and error messages: pure, milliseconds."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayjobs.cli import main
+from rayjobs.config import ConfigError, PipelineConfig, apply_overrides, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "examples" / "configs" / "demo.yaml"
+
+
+def _write(tmp_path, data) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_validates(path):
+    assert isinstance(load_config(path), PipelineConfig)
+
+
+def test_cross_stage_defaults_are_filled():
+    cfg = load_config(DEMO)
+    assert cfg.generation.student_tokenizer == cfg.distillation.student
+    assert cfg.generation.student_max_len == cfg.distillation.max_seq_len
+    assert cfg.distillation.data == cfg.generation.output
+    assert cfg.serving.model.endswith("merged")
+
+
+def test_overrides_parse_yaml_scalars():
+    cfg = load_config(DEMO, ["distillation.optim.lr=1e-4", "distillation.lora.enabled=true",
+                             "distillation.lora.target_modules=[q_proj, v_proj]", "cluster.address=null"])
+    assert cfg.distillation.optim.lr == pytest.approx(1e-4)
+    assert cfg.distillation.lora.enabled is True
+    assert cfg.distillation.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.cluster.address is None
+
+
+def test_override_creates_missing_sections():
+    assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+def test_override_does_not_mutate_input():
+    data = {"a": {"b": 1}}
+    apply_overrides(data, ["a.b=2"])
+    assert data == {"a": {"b": 1}}
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (["distillation.optim.lrr=1"], "distillation.optim.lrr: unknown key"),
+        (["generation.sampling.n=abc"], "generation.sampling.n: Input should be a valid integer"),
+        (["generation.output=gs://bucket/x"], "generation.output: unsupported scheme 'gs://'"),
+        (["distillation.deepspeed.offload_params=true", "distillation.deepspeed.zero_stage=2"],
+         "offload_params requires zero_stage 3"),
+        (["name=has space"], "name: String should match pattern"),
+        (["name.x=1"], "'name' is a value, not a section"),
+        (["nokey"], "expected PATH=VALUE"),
+    ],
+)
+def test_bad_values_name_file_and_field(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, override)
+    assert needle in str(e.value)
+
+
+def test_missing_required_field(tmp_path):
+    data = yaml.safe_load(DEMO.read_text())
+    del data["distillation"]["student"]
+    with pytest.raises(ConfigError, match=r"cfg.yaml: distillation.student: required field is missing"):
+        load_config(_write(tmp_path, data))
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\ngeneration: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML at line \d+"):
+        load_config(p)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent/raystill.yaml")
+
+
+def test_s3_locations_accepted():
+    cfg = load_config(DEMO, ["generation.output=s3://bucket/gen", "runs_root=s3://bucket/runs"])
+    assert cfg.run_dir == "s3://bucket/runs/demo"
+
+
+def test_digest_changes_with_config():
+    assert load_config(DEMO).digest() != load_config(DEMO, ["distillation.seed=1"]).digest()
+
+
+def test_cli_validate_ok_and_broken(tmp_path, capsys):
+    assert main(["config", "validate", str(DEMO)]) == 0
+    assert "OK" in capsys.readouterr().out
+    data = yaml.safe_load(DEMO.read_text())
+    data["generation"]["sampling"]["temperature"] = "hot"
+    broken = _write(tmp_path, data)
+    assert main(["config", "validate", str(broken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "generation.sampling.temperature" in err[0] and "Traceback" not in err[0]
+
+
+def test_cli_show_prints_resolved_yaml(capsys):
+    assert main(["config", "show", str(DEMO), "--set", "serving.port=9000"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["serving"]["port"] == 9000
+    assert shown["distillation"]["data"] == shown["generation"]["output"]

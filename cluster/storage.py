@@ -62,3 +62,33 @@ def filesystem(location: str):
             kwargs["scheme"] = parsed.scheme or "https"
         return fs.S3FileSystem(**kwargs), location[len("s3://"):]
     return fs.LocalFileSystem(), os.path.abspath(location)
+
+
+def localize(location: str, cache_root: str | None = None) -> str:
+    """A local directory holding ``location``'s files, downloading s3:// once into a cache.
+
+    Tokenizers and transformers load from local paths only; the cache key is the URI,
+    so every actor on a node reuses one copy.
+    """
+    if not is_s3(location):
+        return location
+    import hashlib
+
+    from pyarrow import fs as pafs
+
+    root = cache_root or os.path.join(os.environ.get("RAYSTILL_CACHE", os.path.expanduser("~/.cache/raystill")), "s3")
+    dest = os.path.join(root, hashlib.sha256(location.encode()).hexdigest()[:16])
+    marker = os.path.join(dest, ".complete")
+    if not os.path.exists(marker):
+        src_fs, src = filesystem(location)
+        tmp = f"{dest}.tmp{os.getpid()}"
+        pafs.copy_files(src, tmp, source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+        open(os.path.join(tmp, ".complete"), "w").close()
+        os.makedirs(root, exist_ok=True)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process finished first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -39,6 +39,13 @@ def _cmd_config_validate(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from rayjobs.generate import run
+
+    run(load_config(args.config, args.overrides))
+    return 0
+
+
 def _cmd_demo_prepare(args) -> int:
     from rayjobs.demo.world import prepare
 
@@ -82,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate = config.add_parser("validate", help="check a config; exit 2 with one line per problem")
     _config_args(validate)
     validate.set_defaults(func=_cmd_config_validate)
+
+    gen = sub.add_parser("generate", help="teacher generation + preprocessing into Parquet shards")
+    _config_args(gen)
+    gen.set_defaults(func=_cmd_generate)
 
     demo = sub.add_parser("demo", help="the offline demo world (tiny teacher, students, task)").add_subparsers(
         dest="action", required=True

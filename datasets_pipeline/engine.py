@@ -1,0 +1,63 @@
+"""Map our generation config onto ray.data.llm's processor config and vLLM sampling params.
+
+Pure: CPU vs GPU differs only in the placement bundles and accelerator type
+computed here; the processor, stages and driver are the same code on both.
+"""
+
+from __future__ import annotations
+
+from datasets_pipeline.config import GenerationConfig
+
+
+def processor_kwargs(cfg: GenerationConfig, model_path: str) -> dict:
+    e = cfg.engine
+    engine_kwargs = {
+        "enforce_eager": e.enforce_eager,
+        "gpu_memory_utilization": e.memory_utilization,
+        "tensor_parallel_size": e.tensor_parallel_size,
+        "max_num_seqs": e.batch_size,
+    }
+    if e.max_model_len:
+        engine_kwargs["max_model_len"] = e.max_model_len
+    engine_kwargs["seed"] = cfg.sampling.seed
+    if cfg.sampling.logprobs_topk:
+        engine_kwargs["max_logprobs"] = max(20, cfg.sampling.logprobs_topk)
+    if e.accelerator == "cpu":
+        # Without explicit CPU bundles the engine stage asks for a GPU and waits forever.
+        placement = {"bundles": [{"CPU": 1}] * e.tensor_parallel_size, "strategy": "PACK"}
+    else:
+        placement = {"bundles": [{"GPU": 1, "CPU": 1}] * e.tensor_parallel_size, "strategy": "STRICT_PACK"}
+    return {
+        "model_source": model_path,
+        "batch_size": e.batch_size,
+        "concurrency": e.min_replicas if e.min_replicas == e.max_replicas else (e.min_replicas, e.max_replicas),
+        "accelerator_type": e.accelerator_type,
+        "engine_kwargs": engine_kwargs,
+        "placement_group_config": placement,
+        # We render chat prompts ourselves and read generated text: vLLM tokenizes and
+        # detokenizes in-engine, so the extra CPU actors would only compete for cores.
+        "chat_template_stage": False,
+        "tokenize_stage": False,
+        "detokenize_stage": False,
+        # A bad row must not kill the run: failed rows come back with __inference_error__.
+        "should_continue_on_error": True,
+    }
+
+
+def sampling_params(cfg: GenerationConfig) -> dict:
+    """vLLM SamplingParams for one sample.
+
+    The seed is set once per engine (engine_kwargs), not per request: vLLM's CPU
+    sampler crashes the engine on per-request seeds ("CPU Generator does not use
+    offset"), and the same code must run on CPU and GPU.
+    """
+    s = cfg.sampling
+    params = {
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "max_tokens": s.max_new_tokens,
+        "detokenize": True,
+    }
+    if s.logprobs_topk:
+        params["logprobs"] = s.logprobs_topk
+    return params

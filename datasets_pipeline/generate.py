@@ -1,0 +1,165 @@
+"""Teacher generation: Ray Data streams prompts through a vLLM actor pool into student preprocessing.
+
+Wiring only: the row logic lives in ``stages``, bookkeeping in ``assemble``, storage
+in ``shards``. The driver just drains the stream into shards (it never holds more
+than one shard of rows), so memory stays flat as the input grows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from functools import partial
+
+from datasets_pipeline.assemble import Assembler, Completed
+from datasets_pipeline.config import GenerationConfig
+from datasets_pipeline.engine import processor_kwargs, sampling_params
+from datasets_pipeline.shards import Progress, ShardStore
+from datasets_pipeline.stages import InputRejects, PromptStage, StudentStage, compact_engine_output
+from datasets_pipeline.targets import render_prompt
+
+SHARD_ROWS = 2000
+PROGRESS_EVERY_S = 10.0
+
+
+class ShardWriter:
+    """Buffers completed prompts and commits them a shard at a time."""
+
+    def __init__(self, store: ShardStore, progress: Progress, shard_rows: int = SHARD_ROWS):
+        self.store = store
+        self.shard = progress.next_shard
+        self.totals = Counter(progress.counts)
+        self.shard_rows = shard_rows
+        self.buf = Completed()
+        self.input_sources: list[str] = []
+
+    def add(self, done: Completed) -> None:
+        self.buf.extend(done)
+        if len(self.buf.samples) + len(self.buf.rejects) >= self.shard_rows:
+            self.flush()
+
+    def add_input_reject(self, row: dict) -> None:
+        self.input_sources.append(row["source"])
+        self.add(Completed(rejects=[row]))
+
+    def flush(self) -> None:
+        b = self.buf
+        if not (b.samples or b.rejects or b.prompt_ids):
+            return
+        counts = Counter({"kept": len(b.samples)})
+        counts.update("input_rejected" if r["stage"] == "input" else r["reason"] for r in b.rejects)
+        self.store.write_shard(self.shard, b.samples, b.rejects, b.prompt_ids + self.input_sources,
+                               b.dedupe_keys, counts)
+        self.totals.update(counts)
+        self.shard += 1
+        self.buf = Completed()
+        self.input_sources = []
+
+
+def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests):
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    processor = build_processor(
+        vLLMEngineProcessorConfig(**processor_kwargs(cfg, teacher)),
+        postprocess=partial(compact_engine_output, k=cfg.sampling.logprobs_topk),
+    )
+    cfg_json = cfg.model_dump(mode="json")
+    return processor(requests).map(
+        StudentStage,
+        fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "student_path": student},
+        concurrency=1,
+        num_cpus=0.5,
+    )
+
+
+def _retry_requests(rows: list[dict], cfg: GenerationConfig, teacher: str):
+    import ray.data
+    from transformers import AutoTokenizer
+    import json
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    keys = ("prompt_id", "sample_id", "sample_index", "split", "messages", "reference")
+    return ray.data.from_items([
+        {**{k: r[k] for k in keys},
+         "prompt": render_prompt(tok, json.loads(r["messages"])),
+         "sampling_params": sampling_params(cfg)}
+        for r in rows
+    ])
+
+
+def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_path: str,
+                   config_digest: str, log=print) -> dict:
+    """Generate, preprocess and write shards; resume from committed shards. Returns the manifest."""
+    store = ShardStore(cfg.output)
+    manifest = store.read_manifest()
+    if manifest and manifest.get("complete") and manifest.get("config_digest") == config_digest:
+        log(f"generation: {cfg.output} is complete for this config; skipping")
+        return manifest
+    prog = store.load_progress()
+    if prog.done:
+        log(f"generation: resuming, {len(prog.done)} prompts/rows already committed in {prog.next_shard} shards")
+    from datasets_pipeline.sources import read_source
+
+    cfg_json = cfg.model_dump(mode="json")
+    writer = ShardWriter(store, prog)
+    source = read_source(cfg.input, input_path)
+    for row in source.flat_map(InputRejects, fn_constructor_kwargs={"cfg": cfg_json, "done": prog.done},
+                               concurrency=1).iter_rows():
+        writer.add_input_reject(row)
+
+    assembler = Assembler(cfg.sampling.n, cfg.preprocess.keep, cfg.preprocess.dedupe, prog.done, prog.dedupe_keys)
+    requests = source.flat_map(
+        PromptStage, fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "done": prog.done},
+        concurrency=1,
+    )
+    start = time.perf_counter()
+    tokens = samples = 0
+    last_log = start
+    retry: list[dict] = []
+    for attempt in (1, 2):
+        for row in _engine_pass(cfg, teacher, student, requests).iter_rows():
+            if row["status"] == "engine_error" and attempt == 1:
+                retry.append(row)
+                continue
+            samples += 1
+            tokens += len(row["teacher_token_ids"])
+            writer.add(assembler.add(row))
+            if time.perf_counter() - last_log > PROGRESS_EVERY_S:
+                last_log = time.perf_counter()
+                rate = tokens / (last_log - start)
+                log(f"generation: {samples} samples, {tokens} tokens ({rate:.0f} tokens/s), "
+                    f"{writer.totals['kept'] + len(writer.buf.samples)} kept")
+        if not retry or attempt == 2:
+            break
+        log(f"generation: retrying {len(retry)} samples that failed in the engine")
+        requests = _retry_requests(retry, cfg, teacher)
+    writer.flush()
+    wall = time.perf_counter() - start
+    return _finish_manifest(store, cfg, writer.totals, config_digest, wall, tokens, log)
+
+
+def _finish_manifest(store: ShardStore, cfg: GenerationConfig, totals: Counter, digest: str,
+                     wall: float, tokens_this_run: int, log) -> dict:
+    table = store.read_samples(columns=["split", "teacher_token_ids", "topk_ids", "topk_logprobs"])
+    gen_tokens = sum(len(x) for x in table.column("teacher_token_ids").to_pylist()) if table.num_rows else 0
+    topk_bytes = table.column("topk_ids").nbytes + table.column("topk_logprobs").nbytes if table.num_rows else 0
+    splits = Counter(table.column("split").to_pylist()) if table.num_rows else Counter()
+    manifest = {
+        "complete": True,
+        "config_digest": digest,
+        "output": cfg.output,
+        "counts": dict(totals),
+        "rows": {"train": splits.get("train", 0), "val": splits.get("val", 0)},
+        "generated_tokens": gen_tokens,
+        "topk_k": cfg.sampling.logprobs_topk,
+        "topk_bytes_per_token": round(topk_bytes / gen_tokens, 3) if gen_tokens else 0.0,
+        "throughput": {
+            "wall_s": round(wall, 2),
+            "tokens_this_run": tokens_this_run,
+            "tokens_per_s": round(tokens_this_run / wall, 1) if wall > 0 else 0.0,
+        },
+    }
+    store.write_manifest(manifest)
+    log(f"generation: done: {manifest['rows']} rows kept, counts {manifest['counts']}, "
+        f"{manifest['throughput']['tokens_per_s']} tokens/s, top-k {manifest['topk_bytes_per_token']} B/token")
+    return manifest

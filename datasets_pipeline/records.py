@@ -1,0 +1,55 @@
+"""What flows between stages: the one definition of a generated training sample.
+
+The generation stage writes these columns to Parquet; the training stage reads
+them back by the same names. Teacher top-k logprobs are stored flat
+(``num_teacher_tokens * topk_k`` entries, token-major) as int32 ids and float16
+logprobs: 6 bytes per entry instead of a Python dict's text, and Arrow can hand
+them to torch without a per-token Python loop.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),  # prompt_id + "/" + sample index
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int16(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # "train" | "val"
+        pa.field("messages", pa.string(), nullable=False),  # prompt chat messages, JSON
+        pa.field("reference", pa.string()),  # reference answer, when the source has one
+        pa.field("completion", pa.string(), nullable=False),  # teacher text as generated
+        pa.field("reasoning", pa.string()),  # the <think> trace, parsed out
+        pa.field("answer", pa.string(), nullable=False),  # the final answer, parsed out
+        pa.field("verified", pa.bool_()),  # null when there is no reference
+        pa.field("teacher_token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("topk_k", pa.int16(), nullable=False),  # 0 when logprobs were off
+        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("topk_logprobs", pa.list_(pa.float16()), nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),  # student tokens, prompt + target
+        pa.field("prompt_len", pa.int32(), nullable=False),  # student prompt tokens (loss-masked)
+        # Index in input_ids where teacher_token_ids start verbatim (same tokenizer, reasoning
+        # kept); -1 when the student's tokens differ and top-k must be aligned across tokenizers.
+        pa.field("teacher_offset", pa.int32(), nullable=False),
+    ]
+)
+
+REJECT_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),  # prompt_id, sample_id or file:line
+        pa.field("stage", pa.string(), nullable=False),  # input | engine | filter
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),  # truncated raw row or error text
+    ]
+)
+
+SAMPLE_COLUMNS = tuple(SAMPLE_SCHEMA.names)
+
+# Filter reasons, counted in the manifest under these names.
+TRUNCATED = "truncated"
+TOO_LONG_FOR_STUDENT = "too_long_for_student"
+DUPLICATE = "duplicate"
+UNVERIFIED = "unverified"
+NOT_BEST = "not_best_of_n"
+ENGINE_ERROR = "engine_error"

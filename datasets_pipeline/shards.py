@@ -1,0 +1,113 @@
+"""Parquet shards, rejects and the manifest at a local or s3:// location.
+
+Layout under the output location::
+
+    samples/part-00000.parquet   kept samples (records.SAMPLE_SCHEMA)
+    rejects/part-00000.parquet   everything set aside, with the reason
+    progress/part-00000.json     commit marker: prompt ids done, dedupe keys, counts
+    manifest.json                totals, config digest, throughput
+
+A shard counts only once its progress file exists (written last). Files of a
+shard whose progress file is missing were cut off by an interruption and are
+overwritten by the next run, so a resumed run neither repeats nor misses rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from cluster.storage import filesystem
+from datasets_pipeline import records as R
+
+
+@dataclass
+class Progress:
+    done: set[str] = field(default_factory=set)
+    dedupe_keys: set[str] = field(default_factory=set)
+    counts: Counter = field(default_factory=Counter)
+    next_shard: int = 0
+
+
+class ShardStore:
+    def __init__(self, location: str):
+        self.location = location
+        self.fs, self.root = filesystem(location)
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def _write_bytes(self, path: str, data: bytes) -> None:
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def _read_json(self, path: str) -> dict:
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+
+    def load_progress(self) -> Progress:
+        prog = Progress()
+        infos = self.fs.get_file_info(pafs.FileSelector(self._path("progress"), allow_not_found=True))
+        for info in sorted(i.path for i in infos if i.path.endswith(".json")):
+            entry = self._read_json(info)
+            prog.done.update(entry["done"])
+            prog.dedupe_keys.update(entry["dedupe_keys"])
+            prog.counts.update(entry["counts"])
+            prog.next_shard = max(prog.next_shard, entry["shard"] + 1)
+        return prog
+
+    def write_shard(self, shard: int, samples: list[dict], rejects: list[dict], done: list[str],
+                    dedupe_keys: list[str], counts: dict) -> None:
+        name = f"part-{shard:05d}"
+        if samples:
+            self._write_table(f"samples/{name}.parquet", pa.Table.from_pylist(samples, schema=R.SAMPLE_SCHEMA))
+        if rejects:
+            self._write_table(f"rejects/{name}.parquet", pa.Table.from_pylist(rejects, schema=R.REJECT_SCHEMA))
+        entry = {"shard": shard, "done": done, "dedupe_keys": dedupe_keys, "counts": dict(counts)}
+        self._write_bytes(self._path("progress", f"{name}.json"), json.dumps(entry).encode())
+
+    def _write_table(self, rel: str, table: pa.Table) -> None:
+        path = self._path(*rel.split("/"))
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, path, filesystem=self.fs, compression="zstd")
+
+    def write_manifest(self, manifest: dict) -> None:
+        self._write_bytes(self._path("manifest.json"), json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+    def read_manifest(self) -> dict | None:
+        try:
+            return self._read_json(self._path("manifest.json"))
+        except (FileNotFoundError, OSError):
+            return None
+
+    def _committed(self, kind: str) -> list[str]:
+        """Parquet files of `kind` whose shard has a progress file (others were cut off)."""
+        committed = {
+            i.base_name.removesuffix(".json")
+            for i in self.fs.get_file_info(pafs.FileSelector(self._path("progress"), allow_not_found=True))
+        }
+        infos = self.fs.get_file_info(pafs.FileSelector(self._path(kind), allow_not_found=True))
+        return sorted(i.path for i in infos if i.base_name.removesuffix(".parquet") in committed)
+
+    def sample_files(self) -> list[str]:
+        """Committed sample shards, as paths in this store's filesystem."""
+        return self._committed("samples")
+
+    def _read(self, kind: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+        files = self._committed(kind)
+        if not files:
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        return pa.concat_tables(pq.read_table(p, filesystem=self.fs, columns=columns, schema=schema) for p in files)
+
+    def read_samples(self, columns: list[str] | None = None) -> pa.Table:
+        return self._read("samples", R.SAMPLE_SCHEMA, columns)
+
+    def read_rejects(self) -> pa.Table:
+        return self._read("rejects", R.REJECT_SCHEMA)

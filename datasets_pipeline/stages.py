@@ -1,0 +1,150 @@
+"""The per-row stages around the vLLM engine, as Ray Data callables.
+
+Each stage is a plain class over one row (so tests can call it without Ray) that
+loads its tokenizer once per actor. Rows that fail get ``status`` set to the
+reason and flow on to the driver, which counts and sets them aside.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from datasets_pipeline import records as R
+from datasets_pipeline.answers import CHECKERS, split_reasoning
+from datasets_pipeline.config import GenerationConfig
+from datasets_pipeline.engine import sampling_params
+from datasets_pipeline.prompts import Rejected, parse_json_line, preview, split_of, to_prompt
+from datasets_pipeline.targets import TooLong, build_student_example, render_prompt, same_vocabulary
+from datasets_pipeline.topk import compact_topk
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class InputRejects:
+    """Emit one reject row per input row that cannot become a prompt."""
+
+    def __init__(self, cfg: dict, done: set[str] = frozenset()):
+        self.cfg = GenerationConfig.model_validate(cfg)
+        self.done = done
+
+    def __call__(self, row: dict) -> list[dict]:
+        if row["source"] in self.done:
+            return []
+        try:
+            to_prompt(parse_json_line(row["raw"]), self.cfg.input)
+        except Rejected as e:
+            return [{"source": row["source"], "stage": "input", "reason": str(e), "detail": preview(row["raw"])}]
+        return []
+
+
+class PromptStage:
+    """Valid input row -> n engine requests with the teacher's chat template applied."""
+
+    def __init__(self, cfg: dict, teacher_path: str, done: set[str] = frozenset()):
+        self.cfg = GenerationConfig.model_validate(cfg)
+        self.tokenizer = _load_tokenizer(teacher_path)
+        self.done = done
+
+    def __call__(self, row: dict) -> list[dict]:
+        try:
+            prompt = to_prompt(parse_json_line(row["raw"]), self.cfg.input)
+        except Rejected:
+            return []
+        if prompt.prompt_id in self.done:
+            return []
+        text = render_prompt(self.tokenizer, prompt.messages)
+        split = split_of(prompt.prompt_id, self.cfg.preprocess.val_fraction, self.cfg.preprocess.split_seed)
+        out = []
+        for i in range(self.cfg.sampling.n):
+            sample_id = f"{prompt.prompt_id}/{i}"
+            out.append({
+                "prompt_id": prompt.prompt_id,
+                "sample_id": sample_id,
+                "sample_index": i,
+                "split": split,
+                "messages": json.dumps(prompt.messages, ensure_ascii=False),
+                "reference": prompt.reference,
+                "prompt": text,
+                "sampling_params": sampling_params(self.cfg),
+            })
+        return out
+
+
+def compact_engine_output(row: dict, k: int) -> dict:
+    """Processor postprocess: keep what later stages need, with top-k stored compactly."""
+    error = row.get("__inference_error__") or ""
+    ids, lps = compact_topk(None if error else row.get("logprobs"), k)
+    tokens = row.get("generated_tokens")
+    return {
+        "prompt_id": row["prompt_id"],
+        "sample_id": row["sample_id"],
+        "sample_index": int(row["sample_index"]),
+        "split": row["split"],
+        "messages": row["messages"],
+        "reference": row.get("reference"),
+        "prompt": row.get("prompt") or "",
+        "generated_text": row.get("generated_text") or "",
+        "generated_tokens": np.asarray([] if tokens is None else tokens, np.int32),
+        "topk_ids": ids,
+        "topk_logprobs": lps,
+        "error": str(error),
+    }
+
+
+class StudentStage:
+    """Parse, verify and filter a teacher sample, then tokenize it for the student."""
+
+    def __init__(self, cfg: dict, teacher_path: str, student_path: str):
+        self.cfg = GenerationConfig.model_validate(cfg)
+        self.teacher_tok = _load_tokenizer(teacher_path)
+        self.student_tok = _load_tokenizer(student_path)
+        self.aligned = same_vocabulary(self.teacher_tok, self.student_tok)
+        self.checker = CHECKERS[self.cfg.preprocess.checker]
+
+    def __call__(self, row: dict) -> dict:
+        out = {k: row[k] for k in ("prompt_id", "sample_id", "sample_index", "split", "messages", "reference")}
+        out.update(status="ok", stage="filter", detail=None)
+        completion = row["generated_text"]
+        tokens = [int(t) for t in row["generated_tokens"]]
+        reasoning, answer = split_reasoning(completion)
+        reference = row.get("reference")
+        out.update(
+            completion=completion,
+            reasoning=reasoning,
+            answer=answer,
+            verified=None if reference is None else bool(self.checker(answer, reference)),
+            teacher_token_ids=tokens,
+            topk_k=self.cfg.sampling.logprobs_topk if len(row["topk_ids"]) else 0,
+            topk_ids=row["topk_ids"],
+            topk_logprobs=row["topk_logprobs"],
+            input_ids=[],
+            prompt_len=0,
+            teacher_offset=-1,
+        )
+        if row["error"]:
+            return {**out, "status": R.ENGINE_ERROR, "stage": "engine", "detail": row["error"][:500]}
+        eos = self.teacher_tok.eos_token_id
+        hit_limit = len(tokens) >= self.cfg.sampling.max_new_tokens and (not tokens or tokens[-1] != eos)
+        if hit_limit and self.cfg.preprocess.drop_truncated:
+            return {**out, "status": R.TRUNCATED, "detail": f"{len(tokens)} tokens, no end of sequence"}
+        try:
+            ex = build_student_example(
+                self.student_tok,
+                json.loads(row["messages"]),
+                completion,
+                answer,
+                tokens,
+                reasoning_policy=self.cfg.preprocess.reasoning,
+                max_len=self.cfg.student_max_len or 1 << 30,
+                aligned_vocab=self.aligned,
+            )
+        except TooLong as e:
+            return {**out, "status": R.TOO_LONG_FOR_STUDENT, "detail": str(e)}
+        out.update(input_ids=ex.input_ids, prompt_len=ex.prompt_len, teacher_offset=ex.teacher_offset)
+        return out

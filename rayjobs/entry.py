@@ -1,0 +1,23 @@
+"""Shared argument handling for ``python -m rayjobs.<job> --config FILE [--set k=v ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from rayjobs.config import ConfigError, PipelineConfig, load_config
+
+
+def run_job(description: str, job: Callable[[PipelineConfig], object], argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="pipeline config YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}".replace("\n", "\nerror: "), file=sys.stderr)
+        return 2
+    job(cfg)
+    return 0

@@ -1,0 +1,38 @@
+"""Job: teacher generation (``python -m rayjobs.generate --config FILE``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+from cluster.connect import ray_init
+from rayjobs.config import PipelineConfig
+from rayjobs.entry import run_job
+from rayjobs.refs import resolve_data, resolve_model
+
+
+def generation_digest(cfg: PipelineConfig) -> str:
+    """Generation outputs depend on the generation config only, not on later stages."""
+    blob = json.dumps(cfg.generation.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def run(cfg: PipelineConfig, log=print) -> dict:
+    from datasets_pipeline.generate import run_generation
+
+    gen = cfg.generation
+    teacher = resolve_model(gen.teacher)
+    student = resolve_model(gen.student_tokenizer)
+    input_path = resolve_data(gen.input.path)
+    ray_init(cfg.cluster)
+    return run_generation(gen, teacher=teacher, student=student, input_path=input_path,
+                          config_digest=generation_digest(cfg), log=log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(__doc__, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

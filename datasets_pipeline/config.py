@@ -78,6 +78,7 @@ class GenerationConfig(_Strict):
     teacher: str = Field(description="Teacher model: local dir, s3:// URI or 'demo:teacher'.")
     input: InputConfig
     output: Location = Field(description="Where Parquet shards and the manifest go.")
+    shard_rows: int = Field(2000, ge=1, description="Rows per committed shard; a resumed run redoes at most one shard.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)

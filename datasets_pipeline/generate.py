@@ -18,14 +18,13 @@ from datasets_pipeline.shards import Progress, ShardStore
 from datasets_pipeline.stages import InputRejects, PromptStage, StudentStage, compact_engine_output
 from datasets_pipeline.targets import render_prompt
 
-SHARD_ROWS = 2000
 PROGRESS_EVERY_S = 10.0
 
 
 class ShardWriter:
     """Buffers completed prompts and commits them a shard at a time."""
 
-    def __init__(self, store: ShardStore, progress: Progress, shard_rows: int = SHARD_ROWS):
+    def __init__(self, store: ShardStore, progress: Progress, shard_rows: int):
         self.store = store
         self.shard = progress.next_shard
         self.totals = Counter(progress.counts)
@@ -101,7 +100,7 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
     from datasets_pipeline.sources import read_source
 
     cfg_json = cfg.model_dump(mode="json")
-    writer = ShardWriter(store, prog)
+    writer = ShardWriter(store, prog, cfg.shard_rows)
     source = read_source(cfg.input, input_path)
     for row in source.flat_map(InputRejects, fn_constructor_kwargs={"cfg": cfg_json, "done": prog.done},
                                concurrency=1).iter_rows():

@@ -1,8 +1,35 @@
-"""Shared fixtures. Real engines start once per session: Ray is expensive on 2 cores."""
+"""Shared fixtures. Real engines start once per session: Ray is expensive on 2 cores.
+
+S3 tests talk to a real S3-protocol server (moto's standalone server) on loopback.
+Its endpoint and dummy credentials are exported at import time, before any Ray
+starts, so Ray workers inherit them exactly as they would on a cluster.
+"""
 
 import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = _free_port()
+os.environ.update({
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+})
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.setdefault("RAYSTILL_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "raystill"))
 
 
 @pytest.fixture(scope="session")
@@ -13,7 +40,39 @@ def ray_local():
     from cluster.config import ClusterConfig
     from cluster.connect import ray_init
 
-    os.environ.pop("RAY_ADDRESS", None)
     ray_init(ClusterConfig())
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on loopback; yields a boto3 client."""
+    import boto3
+
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    deadline = time.time() + 30
+    while True:
+        try:
+            client.list_buckets()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.3)
+    yield client
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A tiny demo world (untrained-quality models, real HF/vLLM layout) built in seconds."""
+    from rayjobs.demo.world import DemoRecipe, prepare
+
+    return prepare(str(tmp_path_factory.mktemp("world")), DemoRecipe.tiny(), progress=lambda *a: None)

@@ -1,0 +1,51 @@
+import pytest
+
+from datasets_pipeline.targets import TooLong, build_student_example, same_vocabulary
+
+CONVS = [[{"role": "user", "content": f"What is {a} + {b}?"},
+          {"role": "assistant", "content": f"<think>{a}+{b}</think>{a + b}"}] for a, b in [(12, 34), (5, 77)]]
+
+
+@pytest.fixture(scope="module")
+def toks():
+    from rayjobs.demo.tokenizers import IM_END, IM_START, END_OF_TEXT, train_chat_tokenizer
+
+    a = train_chat_tokenizer(CONVS, vocab_size=120)
+    b = train_chat_tokenizer(CONVS, vocab_size=100, special_tokens=(IM_START, IM_END, END_OF_TEXT))
+    return a, b
+
+
+MSGS = [{"role": "user", "content": "What is 12 + 34?"}]
+
+
+def test_same_vocab_uses_teacher_tokens_verbatim(toks):
+    tok, _ = toks
+    teacher_ids = tok("<think>12+34</think>46", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ex = build_student_example(tok, MSGS, "<think>12+34</think>46", "46", teacher_ids,
+                               reasoning_policy="keep", max_len=512, aligned_vocab=True)
+    assert ex.teacher_offset == ex.prompt_len
+    assert ex.input_ids[ex.prompt_len:] == teacher_ids  # eos not doubled
+
+
+def test_other_vocab_retokenizes_and_appends_eos(toks):
+    teacher, student = toks
+    assert not same_vocabulary(teacher, student)
+    ex = build_student_example(student, MSGS, "<think>12+34</think>46", "46", [1, 2, 3],
+                               reasoning_policy="keep", max_len=512, aligned_vocab=False)
+    assert ex.teacher_offset == -1
+    assert ex.input_ids[-1] == student.eos_token_id
+    assert "46" in student.decode(ex.input_ids[ex.prompt_len:])
+
+
+def test_strip_reasoning_targets_only_the_answer(toks):
+    tok, _ = toks
+    ex = build_student_example(tok, MSGS, "<think>12+34</think>46", "46", [9, 9],
+                               reasoning_policy="strip", max_len=512, aligned_vocab=True)
+    assert ex.teacher_offset == -1
+    assert "think" not in tok.decode(ex.input_ids[ex.prompt_len:])
+
+
+def test_too_long_for_student(toks):
+    tok, _ = toks
+    with pytest.raises(TooLong, match="max_len 8"):
+        build_student_example(tok, MSGS, "x", "x", [1], reasoning_policy="keep", max_len=8, aligned_vocab=False)

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
+    from rayjobs import cli_jobs
+
+    cli_jobs.register(sub, _config_args)
+
     demo = sub.add_parser("demo", help="the offline demo world (tiny teacher, students, task)").add_subparsers(
         dest="action", required=True
     )

@@ -1,0 +1,91 @@
+"""Job submission: unit checks, then a real `ray start --head` with its dashboard."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.submit import EXCLUDES, auth_headers, runtime_env
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def test_runtime_env_excludes_heavy_dirs_and_forwards_no_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hush")
+    env = runtime_env(".", {"A": "1"})
+    assert {".venv/", "runs/", ".cache/", ".git/"} <= set(EXCLUDES) == set(env["excludes"])
+    assert env["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and env["env_vars"]["A"] == "1"
+    assert "AWS_SECRET_ACCESS_KEY" not in env["env_vars"]
+
+
+def test_auth_headers(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert auth_headers() == {}
+    (tmp_path / "tok").write_text("abc\n")
+    assert auth_headers(str(tmp_path / "tok")) == {"Authorization": "Bearer abc"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "xyz")
+    assert auth_headers() == {"Authorization": "Bearer xyz"}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    temp = tmp_path_factory.mktemp("rayhead")
+    port, dash = _port(), _port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+                    "--num-cpus", "8", "--disable-usage-stats", "--temp-dir", str(temp)],
+                   check=True, env=env, capture_output=True, timeout=180)
+    yield f"http://127.0.0.1:{dash}"
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _cli(*args, timeout=420):
+    token = Path.home() / ".ray" / "auth_token"
+    extra = ["--auth-token-file", str(token)] if token.exists() else []
+    return subprocess.run([sys.executable, "-m", "rayjobs.cli", *args, *extra], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "RAY_ADDRESS": ""})
+
+
+def _config(tmp_path, world, teacher) -> Path:
+    cfg = {
+        "name": "submit-test",
+        "generation": {"teacher": teacher, "input": {"path": world.train_jsonl, "limit": 4},
+                       "output": str(tmp_path / "gen"), "sampling": {"max_new_tokens": 8},
+                       "engine": {"batch_size": 4, "max_model_len": 256}, "preprocess": {"keep": "all"}},
+        "distillation": {"student": world.student_same_tokenizer, "output": str(tmp_path / "d")},
+    }
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.mark.slow
+def test_submit_follow_succeeds_and_failure_is_reported(ray_head, tiny_world, tmp_path):
+    good = _config(tmp_path, tiny_world, tiny_world.teacher)
+    r = _cli("submit", str(good), "--stage", "generate", "--address", ray_head, "--follow")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SUCCEEDED" in r.stdout and "generation: done" in r.stdout
+    assert (tmp_path / "gen" / "manifest.json").exists()
+
+    (tmp_path / "bad").mkdir()
+    bad = _config(tmp_path / "bad", tiny_world, str(tmp_path / "no-such-teacher"))
+    r = _cli("submit", str(bad), "--stage", "generate", "--address", ray_head, "--follow")
+    assert r.returncode == 1 and "FAILED" in r.stdout
+    sid = r.stdout.split("submitted ", 1)[1].split()[0]
+    status = _cli("jobs", "status", sid, "--address", ray_head)
+    assert status.returncode == 0 and "FAILED" in status.stdout
+    listing = _cli("jobs", "list", "--address", ray_head)
+    assert sid in listing.stdout

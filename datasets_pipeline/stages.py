@@ -77,9 +77,11 @@ class PromptStage:
 
 
 def compact_engine_output(row: dict, k: int) -> dict:
-    """Processor postprocess: keep what later stages need, with top-k stored compactly."""
-    error = row.get("__inference_error__") or ""
-    ids, lps = compact_topk(None if error else row.get("logprobs"), k)
+    """Processor postprocess: keep what later stages need, with top-k stored compactly.
+
+    Only successful rows get here: ray.data.llm hands failed rows past the postprocess.
+    """
+    ids, lps = compact_topk(row.get("logprobs"), k)
     tokens = row.get("generated_tokens")
     return {
         "prompt_id": row["prompt_id"],
@@ -93,8 +95,17 @@ def compact_engine_output(row: dict, k: int) -> dict:
         "generated_tokens": np.asarray([] if tokens is None else tokens, np.int32),
         "topk_ids": ids,
         "topk_logprobs": lps,
-        "error": str(error),
     }
+
+
+def _seq(x):
+    """Empty arrays can come back from Arrow as None."""
+    return [] if x is None else x
+
+
+def _blank() -> dict:
+    return {"completion": "", "reasoning": None, "answer": "", "verified": None, "teacher_token_ids": [],
+            "topk_k": 0, "topk_ids": [], "topk_logprobs": [], "input_ids": [], "prompt_len": 0, "teacher_offset": -1}
 
 
 class StudentStage:
@@ -109,9 +120,17 @@ class StudentStage:
 
     def __call__(self, row: dict) -> dict:
         out = {k: row[k] for k in ("prompt_id", "sample_id", "sample_index", "split", "messages", "reference")}
+        try:
+            return self._process(row, out)
+        except Exception as e:  # one odd sample is set aside, never the end of the run
+            return {**out, **_blank(), "status": R.PREPROCESS_ERROR, "stage": "preprocess",
+                    "detail": f"{type(e).__name__}: {e}"[:500]}
+
+    def _process(self, row: dict, out: dict) -> dict:
         out.update(status="ok", stage="filter", detail=None)
         completion = row["generated_text"]
-        tokens = [int(t) for t in row["generated_tokens"]]
+        tokens = [int(t) for t in _seq(row.get("generated_tokens"))]
+        topk_ids, topk_lps = _seq(row.get("topk_ids")), _seq(row.get("topk_logprobs"))
         reasoning, answer = split_reasoning(completion)
         reference = row.get("reference")
         out.update(
@@ -120,15 +139,17 @@ class StudentStage:
             answer=answer,
             verified=None if reference is None else bool(self.checker(answer, reference)),
             teacher_token_ids=tokens,
-            topk_k=self.cfg.sampling.logprobs_topk if len(row["topk_ids"]) else 0,
-            topk_ids=row["topk_ids"],
-            topk_logprobs=row["topk_logprobs"],
+            topk_k=self.cfg.sampling.logprobs_topk if len(topk_ids) else 0,
+            topk_ids=topk_ids,
+            topk_logprobs=topk_lps,
             input_ids=[],
             prompt_len=0,
             teacher_offset=-1,
         )
-        if row["error"]:
-            return {**out, "status": R.ENGINE_ERROR, "stage": "engine", "detail": row["error"][:500]}
+        # ray.data.llm routes failed rows around our postprocess, raw, with __inference_error__ set.
+        error = row.get("__inference_error__")
+        if error:
+            return {**out, "status": R.ENGINE_ERROR, "stage": "engine", "detail": str(error)[:500]}
         eos = self.teacher_tok.eos_token_id
         hit_limit = len(tokens) >= self.cfg.sampling.max_new_tokens and (not tokens or tokens[-1] != eos)
         if hit_limit and self.cfg.preprocess.drop_truncated:

@@ -62,10 +62,10 @@ def _cli(*args, timeout=420):
 def _config(tmp_path, world, teacher) -> Path:
     cfg = {
         "name": "submit-test",
-        "generation": {"teacher": teacher, "input": {"path": world.train_jsonl, "limit": 4},
+        "generation": {"teacher": teacher, "input": {"path": str(world.train_jsonl), "limit": 4},
                        "output": str(tmp_path / "gen"), "sampling": {"max_new_tokens": 8},
                        "engine": {"batch_size": 4, "max_model_len": 256}, "preprocess": {"keep": "all"}},
-        "distillation": {"student": world.student_same_tokenizer, "output": str(tmp_path / "d")},
+        "distillation": {"student": str(world.student_same_tokenizer), "output": str(tmp_path / "d")},
     }
     p = tmp_path / "cfg.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -74,7 +74,7 @@ def _config(tmp_path, world, teacher) -> Path:
 
 @pytest.mark.slow
 def test_submit_follow_succeeds_and_failure_is_reported(ray_head, tiny_world, tmp_path):
-    good = _config(tmp_path, tiny_world, tiny_world.teacher)
+    good = _config(tmp_path, tiny_world, str(tiny_world.teacher))
     r = _cli("submit", str(good), "--stage", "generate", "--address", ray_head, "--follow")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SUCCEEDED" in r.stdout and "generation: done" in r.stdout

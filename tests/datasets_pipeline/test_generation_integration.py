@@ -34,7 +34,7 @@ BAD_LINES = [
 def _input(world, path: Path) -> Path:
     lines = Path(world.train_jsonl).read_bytes().splitlines()[:N_GOOD]
     # Under max_prompt_chars but over the engine's max_model_len: fails inside vLLM.
-    too_long = json.dumps({"id": "engine-fail", "messages": [{"role": "user", "content": "1 + " * 200}]})
+    too_long = json.dumps({"id": "engine-fail", "messages": [{"role": "user", "content": "1 + " * 400}]})
     path.write_bytes(b"\n".join(lines + BAD_LINES + [too_long.encode()]) + b"\n")
     return path
 
@@ -43,7 +43,7 @@ def _config(world, input_path: str, output: str, tmp: Path, **gen) -> Path:
     cfg = {
         "name": "gen-test",
         "generation": {
-            "teacher": world.teacher,
+            "teacher": str(world.teacher),
             "input": {"path": input_path, "max_prompt_chars": 2000},
             "output": output,
             "sampling": {"n": 2, "temperature": 0.8, "max_new_tokens": 48, "logprobs_topk": 4},
@@ -51,7 +51,7 @@ def _config(world, input_path: str, output: str, tmp: Path, **gen) -> Path:
             "preprocess": {"keep": "all", "val_fraction": 0.2},
             **gen,
         },
-        "distillation": {"student": world.student_same_tokenizer, "output": str(tmp / "distill"), "max_seq_len": 200},
+        "distillation": {"student": str(world.student_same_tokenizer), "output": str(tmp / "distill"), "max_seq_len": 200},
     }
     path = tmp / f"cfg-{len(list(tmp.glob('cfg-*')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -1,0 +1,96 @@
+"""Tiny model configs for the demo: a Qwen2 teacher and Llama students, random-initialized.
+
+Two architecture families on purpose: the distillation stage must not assume the student is the
+teacher's shape (hidden size, depth, heads, context length and vocabulary all differ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from rayjobs.demo.tokenizers import save_tokenizer
+
+# Embedding rows are padded to a multiple of this, as real checkpoints do (Qwen2: 151,936 rows for
+# 151,665 tokens); consumers must index logits by tokenizer ids, not assume the two sizes match.
+VOCAB_MULTIPLE = 64
+
+
+def padded_vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
+    return -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _shape_kwargs(tokenizer: PreTrainedTokenizerBase, shape: Mapping[str, int]) -> dict:
+    """Config kwargs shared by both families.
+
+    Embeddings are tied: at this size a separate output matrix would be a large share of the
+    parameters for no gain.
+    """
+    return {
+        "vocab_size": padded_vocab_size(tokenizer),
+        "hidden_size": shape["hidden_size"],
+        "intermediate_size": shape["intermediate_size"],
+        "num_hidden_layers": shape["num_layers"],
+        "num_attention_heads": shape["num_heads"],
+        "num_key_value_heads": shape["num_kv_heads"],
+        "max_position_embeddings": shape["max_position_embeddings"],
+        "tie_word_embeddings": True,
+        **_special_ids(tokenizer),
+    }
+
+
+def teacher_config(tokenizer: PreTrainedTokenizerBase, shape: Mapping[str, int]) -> Qwen2Config:
+    """``shape`` holds hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size and
+    max_position_embeddings (a recipe's shape dict), so this module needs no recipe type."""
+    return Qwen2Config(**_shape_kwargs(tokenizer, shape))
+
+
+def student_config(tokenizer: PreTrainedTokenizerBase, shape: Mapping[str, int]) -> LlamaConfig:
+    """Same ``shape`` keys as :func:`teacher_config`."""
+    return LlamaConfig(**_shape_kwargs(tokenizer, shape))
+
+
+def build_teacher(tokenizer: PreTrainedTokenizerBase, shape: Mapping[str, int], seed: int) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(teacher_config(tokenizer, shape))
+
+
+def build_student(tokenizer: PreTrainedTokenizerBase, shape: Mapping[str, int], seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(student_config(tokenizer, shape))
+
+
+def param_count(model: torch.nn.Module) -> int:
+    """Unique parameters: tied input/output embeddings count once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:
+    """HF layout in one directory: safetensors, config, generation config and the tokenizer.
+
+    ``generation_config.json`` names ``<|im_end|>`` as eos; without it HF generate and vLLM would
+    both run past the answer to ``max_tokens``.
+    """
+    model.generation_config = GenerationConfig(do_sample=False, **_special_ids(tokenizer))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    save_tokenizer(tokenizer, out_dir)

@@ -92,3 +92,23 @@ def localize(location: str, cache_root: str | None = None) -> str:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write one object/file at a local path or s3:// URI, creating parent directories."""
+    fs, path = filesystem(location)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_bytes(location: str) -> bytes | None:
+    """The content at ``location``, or None when it does not exist."""
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (FileNotFoundError, OSError):
+        return None

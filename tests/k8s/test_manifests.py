@@ -319,7 +319,9 @@ def test_check_mode_reports_a_stale_manifest(tmp_path, capsys):
         shutil.copytree(ROOT / rel, tmp_path / rel)
     assert kuberay.main(["--all", "--check", "--root", str(tmp_path)]) == 0
     base = tmp_path / kuberay.DEFAULT_MANIFEST
-    base.write_text(base.read_text().replace("max_replicas: 2", "max_replicas: 3"))
+    stale = re.sub(r"max_replicas: \d+", "max_replicas: 99", base.read_text(), count=1)
+    assert stale != base.read_text()
+    base.write_text(stale)
     assert kuberay.main(["--all", "--check", "--root", str(tmp_path)]) == 1
     assert "k8s/base/rayservice.student.yaml: stale" in capsys.readouterr().out
     config, _ = kuberay.manifest_source(yaml.safe_load(base.read_text()))

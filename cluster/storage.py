@@ -82,6 +82,7 @@ def localize(location: str, cache_root: str | None = None) -> str:
     if not os.path.exists(marker):
         src_fs, src = filesystem(location)
         tmp = f"{dest}.tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)  # pyarrow does not create it for a folder without subfolders
         pafs.copy_files(src, tmp, source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
         open(os.path.join(tmp, ".complete"), "w").close()
         os.makedirs(root, exist_ok=True)

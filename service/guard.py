@@ -1,0 +1,358 @@
+"""The guard in front of the engine: API key, request limits and optional request logging.
+
+A plain ASGI middleware wrapped around vLLM's own OpenAI app inside the engine replica
+(``service.app``), so it costs one JSON parse per request and no extra hop. Every refusal
+is an OpenAI-style body, ``{"error": {"message", "type", "param", "code"}}``, which the
+``openai`` client turns into the matching exception. Streaming responses pass through
+untouched (only observed when completions are logged).
+
+Pure: the standard library plus pyarrow (for the request log); no Ray, no vLLM, no Starlette.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+GENERATE_PATHS = (CHAT_PATH, COMPLETIONS_PATH)
+# Load balancers and Kubernetes probes call this without a key.
+OPEN_PATHS = ("/health",)
+# vLLM CPU (0.32) cannot rewind a seeded request's CPU generator when its prefill is split
+# across steps (long prompt or busy batch): the step raises "CPU Generator does not use
+# offset" and the engine dies with every request in flight. Refuse seeds up front.
+SEED_ON_CPU = ("per-request 'seed' is not supported on the CPU engine (vLLM CPU crashes with "
+               "'CPU Generator does not use offset' when a seeded prompt is prefilled in chunks); remove it")
+# OpenAI's default for /v1/completions; chat has none, so the guard supplies one.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class GuardError(Exception):
+    """A refused request: HTTP status plus the OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, *, code: str, param: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def load_api_key(env_name: str | None, file_path: str | None) -> str | None:
+    """The key from the secret file, else the env var; None means no auth.
+
+    A configured file that is missing or empty is an error, never "no auth": failing
+    open because a Secret was not mounted would expose the endpoint.
+    """
+    if file_path:
+        try:
+            key = open(file_path, encoding="utf-8").read().strip()
+        except OSError as e:
+            raise RuntimeError(f"api_key_file {file_path!r} cannot be read: {e.strerror}") from None
+        if not key:
+            raise RuntimeError(f"api_key_file {file_path!r} is empty")
+        return key
+    key = os.environ.get(env_name, "").strip() if env_name else ""
+    return key or None
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    api_key: str | None
+    max_tokens: int
+    max_prompt_chars: int
+    max_body_bytes: int
+    reject_seed: bool
+
+    @classmethod
+    def from_config(cls, cfg) -> GuardPolicy:
+        """From a ``ServingConfig``; reads the key, so call it where the key lives (the replica)."""
+        return cls(
+            api_key=load_api_key(cfg.api_key_env, cfg.api_key_file),
+            max_tokens=cfg.limits.max_tokens,
+            max_prompt_chars=cfg.limits.max_prompt_chars,
+            max_body_bytes=cfg.limits.max_body_bytes,
+            reject_seed=cfg.accelerator == "cpu",
+        )
+
+
+def check_auth(headers: dict[bytes, bytes], api_key: str | None) -> None:
+    if api_key is None:
+        return
+    value = headers.get(b"authorization", b"")
+    scheme, _, token = value.partition(b" ")
+    if not value:
+        raise GuardError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), api_key.encode()):
+        raise GuardError(401, "invalid API key", code="invalid_api_key")
+
+
+def _text(content) -> str:
+    """Message content as text: a string, or the text parts of a content list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def prompt_chars(path: str, body: dict) -> int:
+    """Prompt size in characters (token-id prompts count one per id)."""
+    if path == CHAT_PATH:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return 0
+        return sum(len(_text(m.get("content"))) for m in messages if isinstance(m, dict))
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list):
+        return sum(len(p) if isinstance(p, (str, list)) else 1 for p in prompt)
+    return 0
+
+
+def check_body(path: str, body: Any, policy: GuardPolicy) -> dict:
+    """Validate a generation request against the limits; return it (with a max_tokens cap filled in).
+
+    Shape errors beyond what the limits need are left to vLLM, which answers them itself.
+    """
+    if not isinstance(body, dict):
+        raise GuardError(400, "request body must be a JSON object", code="invalid_json")
+    keys = ("max_completion_tokens", "max_tokens") if path == CHAT_PATH else ("max_tokens",)
+    for key in keys:
+        value = body.get(key)
+        if isinstance(value, int) and value > policy.max_tokens:
+            raise GuardError(400, f"{key}={value} exceeds this server's limit of {policy.max_tokens}",
+                             code="max_tokens_too_large", param=key)
+    chars = prompt_chars(path, body)
+    if chars > policy.max_prompt_chars:
+        param = "messages" if path == CHAT_PATH else "prompt"
+        raise GuardError(400, f"prompt is {chars} characters, over this server's limit of {policy.max_prompt_chars}",
+                         code="prompt_too_long", param=param)
+    if policy.reject_seed and body.get("seed") is not None:
+        raise GuardError(400, SEED_ON_CPU, code="unsupported_parameter", param="seed")
+    if all(body.get(k) is None for k in keys):
+        default = policy.max_tokens if path == CHAT_PATH else COMPLETIONS_DEFAULT_MAX_TOKENS
+        if default > policy.max_tokens or path == CHAT_PATH:
+            body = {**body, "max_tokens": min(default, policy.max_tokens)}
+    return body
+
+
+def log_row(body: dict, request_id: str) -> dict | None:
+    """A chat request as a generation-stage input row ``{"id", "messages"}``; None if it could not be one."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return None
+        out.append({"role": m["role"], "content": _text(m.get("content"))})
+    if out[-1]["role"] != "user":  # the generation stage needs a user turn to answer
+        return None
+    return {"id": request_id, "messages": out}
+
+
+def completion_text(chunks: list[bytes], streamed: bool) -> str | None:
+    """The first choice's text from a chat response body (JSON, or SSE when streamed)."""
+    raw = b"".join(chunks)
+    try:
+        if not streamed:
+            choice = json.loads(raw)["choices"][0]
+            return (choice.get("message") or {}).get("content") or choice.get("text") or ""
+        parts = []
+        for line in raw.split(b"\n"):
+            line = line.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            for choice in json.loads(line[5:]).get("choices", []):
+                if choice.get("index", 0) == 0:
+                    parts.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+        return "".join(parts)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+class RequestLog:
+    """Buffered JSONL writer: local directories get one appended file per process,
+    s3:// prefixes one object per batch (objects cannot be appended to)."""
+
+    def __init__(self, location: str, batch_rows: int = 256, flush_interval_s: float = 30.0):
+        from cluster.storage import filesystem, is_s3
+
+        self.location, self.batch_rows, self.flush_interval_s = location, batch_rows, flush_interval_s
+        self._fs, self._dir = filesystem(location)
+        self._s3 = is_s3(location)
+        self._stem = f"requests-{socket.gethostname()}-{os.getpid()}"
+        self._rows: list[dict] = []
+        self._seq = 0
+        self._lock = threading.Lock()  # flushes run in worker threads
+        self._task: asyncio.Task | None = None
+        if not self._s3:
+            self._fs.create_dir(self._dir, recursive=True)
+
+    def add(self, row: dict) -> None:
+        with self._lock:
+            self._rows.append(row)
+            full = len(self._rows) >= self.batch_rows
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._flush_periodically())
+        if full:
+            asyncio.get_running_loop().run_in_executor(None, self.flush)
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            await asyncio.to_thread(self.flush)
+
+    def flush(self) -> int:
+        with self._lock:
+            rows, self._rows = self._rows, []
+            if not rows:
+                return 0
+            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+            try:
+                if self._s3:
+                    self._seq += 1
+                    name = f"{self._dir}/{self._stem}-{int(time.time())}-{self._seq:06d}.jsonl"
+                    with self._fs.open_output_stream(name) as f:
+                        f.write(data)
+                else:
+                    with self._fs.open_append_stream(f"{self._dir}/{self._stem}.jsonl") as f:
+                        f.write(data)
+            except Exception:  # logging must never fail a request; keep the rows for the next try
+                log.exception("request log: writing %d rows to %s failed", len(rows), self.location)
+                self._rows = rows + self._rows
+                return 0
+        return len(rows)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await asyncio.to_thread(self.flush)
+
+
+async def _send_error(send: Send, err: GuardError) -> None:
+    payload = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if err.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes | None:
+    """The whole request body, at most ``limit`` bytes; None if the client went away."""
+    too_big = GuardError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:  # chunked uploads carry no length: stop reading at the limit
+            raise too_big
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+class GuardMiddleware:
+    """ASGI middleware: ``app.add_middleware(GuardMiddleware, policy=..., request_log=...)``."""
+
+    def __init__(self, app, *, policy: GuardPolicy, request_log: RequestLog | None = None,
+                 include_completions: bool = False):
+        self.app, self.policy, self.request_log = app, policy, request_log
+        self.include_completions = include_completions
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        try:
+            check_auth(headers, self.policy.api_key)
+        except GuardError as err:
+            await _send_error(send, err)
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        try:
+            raw = await _read_body(receive, headers, self.policy.max_body_bytes)
+            if raw is None:
+                return
+            body = None
+            if scope["path"] in GENERATE_PATHS:
+                try:
+                    parsed = json.loads(raw)
+                except ValueError as e:
+                    raise GuardError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+                body = check_body(scope["path"], parsed, self.policy)
+                if body is not parsed:
+                    raw = json.dumps(body).encode()
+                    scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+                             + [(b"content-length", str(len(raw)).encode())]}
+        except GuardError as err:
+            await _send_error(send, err)
+            return
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            return await receive()
+
+        row = None
+        if self.request_log is not None and scope["path"] == CHAT_PATH and body is not None:
+            row = log_row(body, f"req-{uuid.uuid4().hex}")
+        if row is None:
+            await self.app(scope, replay, send)
+        elif not self.include_completions:
+            self.request_log.add(row)
+            await self.app(scope, replay, send)
+        else:
+            await self._run_and_log(scope, replay, send, row, bool(body.get("stream")))
+
+    async def _run_and_log(self, scope: Scope, receive: Receive, send: Send, row: dict, streamed: bool) -> None:
+        status, chunks = 0, []
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+            await send(message)
+
+        await self.app(scope, receive, capture)
+        if status == 200:
+            text = completion_text(chunks, streamed)
+            if text is not None:
+                self.request_log.add({**row, "completion": text})

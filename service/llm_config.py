@@ -1,0 +1,110 @@
+"""ServingConfig -> the keyword arguments of ``ray.serve.llm.LLMConfig``. Pure: no Ray, no vLLM.
+
+Everything the engine replica needs is decided here, so it can be checked without starting
+anything: the model source, the vLLM engine arguments, the placement bundles (CPU vs GPU),
+and the Serve deployment options (autoscaling, queue bounds, backpressure).
+
+LoRA adapters are not passed as ``LLMConfig.lora_config``: that path (Serve multiplexing)
+takes only a remote ``dynamic_lora_loading_path`` (s3://, gs://, azure://) holding one
+subfolder per adapter, and picks the adapter from the ``serve_multiplexed_model_id``
+header. Our adapters are named individually (local or s3://), so every replica loads all
+of them at start-up (``service.app``) and vLLM serves each as ``<model_id>:<name>``, the
+name ray.serve.llm gives LoRA models too. Here we only turn LoRA on in the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cluster.storage import is_s3
+from service.config import ServingConfig
+
+# Engine arguments that ray.serve.llm sets itself (from model_loading_config) and rejects.
+_RESERVED_ENGINE_KWARGS = ("model", "served_model_name")
+# ray.serve.llm's multiplexed-LoRA id separator; our adapter ids follow the same scheme.
+LORA_SEPARATOR = ":"
+# Serve's answer when the queue is full: fast, with a hint on when to come back.
+OVERLOAD_STATUS = 503
+OVERLOAD_RETRY_AFTER_S = 1.0
+
+
+def adapter_model_id(model_id: str, adapter: str) -> str:
+    return f"{model_id}{LORA_SEPARATOR}{adapter}"
+
+
+def model_source(cfg: ServingConfig, resolved_model: str) -> str:
+    """An s3:// model is left to ray.serve.llm, which downloads it on each replica's node."""
+    return cfg.model if cfg.model and is_s3(cfg.model) else resolved_model
+
+
+def engine_kwargs(cfg: ServingConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"gpu_memory_utilization": cfg.memory_utilization}
+    if cfg.max_model_len is not None:
+        kwargs["max_model_len"] = cfg.max_model_len
+    if cfg.accelerator == "cpu":
+        # CPU graph compilation costs minutes at start for no gain on small models.
+        kwargs["enforce_eager"] = True
+    if cfg.adapters:
+        kwargs["enable_lora"] = True
+        kwargs["max_loras"] = len(cfg.adapters)
+    kwargs.update(cfg.engine_kwargs)
+    reserved = [k for k in _RESERVED_ENGINE_KWARGS if k in kwargs]
+    if reserved:
+        raise ValueError(f"serving.engine_kwargs must not set {reserved}: use serving.model / serving.model_id")
+    return kwargs
+
+
+def placement_group_config(cfg: ServingConfig, engine: dict[str, Any]) -> dict[str, Any]:
+    """One bundle per engine worker (tensor x pipeline parallel), CPU or GPU.
+
+    The replica actor's own CPU is merged into the first bundle by ray.serve.llm.
+    """
+    workers = int(engine.get("tensor_parallel_size", 1)) * int(engine.get("pipeline_parallel_size", 1))
+    bundle = {"CPU": 1} if cfg.accelerator == "cpu" else {"GPU": 1, "CPU": 1}
+    return {"bundles": [dict(bundle) for _ in range(workers)], "strategy": "PACK"}
+
+
+def deployment_config(cfg: ServingConfig) -> dict[str, Any]:
+    """Serve options of the engine deployment, which is also the HTTP ingress.
+
+    ``target_ongoing_requests`` and ``max_ongoing_requests`` are always explicit: the
+    ray.serve.llm defaults (1e9) mean "never autoscale" and "never queue". Requests beyond
+    ``max_ongoing_requests`` per replica wait (in the replica with HAProxy, in the Serve
+    proxy otherwise); beyond ``max_queued_requests`` Serve answers 503 at once instead of
+    letting latency grow.
+    """
+    a = cfg.autoscaling
+    return {
+        "autoscaling_config": {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+            "look_back_period_s": a.look_back_period_s,
+        },
+        "max_ongoing_requests": a.max_ongoing_requests,
+        "max_queued_requests": a.max_queued_requests,
+        "backpressure_config": {"status_code": OVERLOAD_STATUS, "retry_after_s": OVERLOAD_RETRY_AFTER_S},
+        # One line per request in the replica log is real CPU on small machines; the
+        # engine's own stats and the proxy's metrics still count every request.
+        "logging_config": {"enable_access_log": False},
+    }
+
+
+def llm_config_kwargs(cfg: ServingConfig, resolved_model: str) -> dict[str, Any]:
+    """Keyword arguments for ``ray.serve.llm.LLMConfig`` (``resolved_model``: a local path for
+    local and ``demo:`` models; s3:// models are passed through)."""
+    engine = engine_kwargs(cfg)
+    kwargs: dict[str, Any] = {
+        "model_loading_config": {"model_id": cfg.model_id, "model_source": model_source(cfg, resolved_model)},
+        "engine_kwargs": engine,
+        "placement_group_config": placement_group_config(cfg, engine),
+        "deployment_config": deployment_config(cfg),
+        # Per-step Prometheus export through Ray costs CPU on every decode step; vLLM's own
+        # stats logging stays on.
+        "log_engine_metrics": False,
+    }
+    if cfg.accelerator == "gpu" and cfg.accelerator_type:
+        kwargs["accelerator_type"] = cfg.accelerator_type
+    return kwargs

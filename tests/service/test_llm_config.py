@@ -1,0 +1,114 @@
+"""ServingConfig -> LLMConfig kwargs and the serving config itself: pure, no Ray started."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.config import ServingConfig
+from service.llm_config import (
+    OVERLOAD_STATUS,
+    adapter_model_id,
+    deployment_config,
+    engine_kwargs,
+    llm_config_kwargs,
+    placement_group_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(**kw) -> ServingConfig:
+    return ServingConfig.model_validate({"model": "/models/student", **kw})
+
+
+def test_autoscaling_and_queue_are_explicit():
+    cfg = _cfg(autoscaling={"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
+                            "max_ongoing_requests": 8, "max_queued_requests": 5, "upscale_delay_s": 1,
+                            "downscale_delay_s": 4, "look_back_period_s": 2})
+    d = deployment_config(cfg)
+    assert d["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
+                                       "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_period_s": 2}
+    assert d["max_ongoing_requests"] == 8 and d["max_queued_requests"] == 5
+    assert d["backpressure_config"]["status_code"] == OVERLOAD_STATUS in (429, 503)
+    # The ray.serve.llm defaults are 1e9: never scale, never queue. Ours are always set.
+    assert _cfg().autoscaling.target_ongoing_requests < 1e6
+    assert deployment_config(_cfg())["max_ongoing_requests"] < 1e6
+
+
+def test_cpu_placement_and_engine():
+    cfg = _cfg(max_model_len=256, memory_utilization=0.2)
+    eng = engine_kwargs(cfg)
+    assert eng == {"gpu_memory_utilization": 0.2, "max_model_len": 256, "enforce_eager": True}
+    assert placement_group_config(cfg, eng) == {"bundles": [{"CPU": 1}], "strategy": "PACK"}
+    assert "accelerator_type" not in llm_config_kwargs(cfg, "/models/student")
+
+
+def test_gpu_placement_one_bundle_per_engine_worker():
+    cfg = _cfg(accelerator="gpu", accelerator_type="L4", engine_kwargs={"tensor_parallel_size": 2})
+    eng = engine_kwargs(cfg)
+    assert "enforce_eager" not in eng
+    assert placement_group_config(cfg, eng)["bundles"] == [{"GPU": 1, "CPU": 1}, {"GPU": 1, "CPU": 1}]
+    assert llm_config_kwargs(cfg, "/models/student")["accelerator_type"] == "L4"
+
+
+def test_adapters_turn_on_lora_and_user_engine_kwargs_win():
+    cfg = _cfg(adapters={"math": "/a/math", "chat": "s3://b/chat"},
+               engine_kwargs={"max_lora_rank": 64, "enforce_eager": False})
+    eng = engine_kwargs(cfg)
+    assert eng["enable_lora"] is True and eng["max_loras"] == 2
+    assert eng["max_lora_rank"] == 64 and eng["enforce_eager"] is False
+    assert adapter_model_id(cfg.model_id, "math") == "raystill-student:math"
+
+
+@pytest.mark.parametrize("key", ["model", "served_model_name"])
+def test_engine_kwargs_cannot_rename_the_model(key):
+    with pytest.raises(ValueError, match="serving.model"):
+        engine_kwargs(_cfg(engine_kwargs={key: "x"}))
+
+
+def test_model_source_s3_is_left_to_ray_local_is_resolved():
+    local = llm_config_kwargs(_cfg(model="demo:student"), "/cache/demo/student")
+    assert local["model_loading_config"] == {"model_id": "raystill-student", "model_source": "/cache/demo/student"}
+    s3 = llm_config_kwargs(_cfg(model="s3://bucket/run/merged"), "ignored")
+    assert s3["model_loading_config"]["model_source"] == "s3://bucket/run/merged"
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"adapters": {"a:b": "/x"}}, "adapter names"),
+    ({"accelerator_type": "L4"}, "accelerator: gpu"),
+    ({"model_id": "a:b"}, "model_id"),
+    ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "max_replicas"),
+    ({"request_log": {"enabled": True}}, "path is required"),
+    ({"limits": {"max_tokens": 0}}, "max_tokens"),
+    ({"surprise": 1}, "surprise"),
+])
+def test_invalid_serving_configs_are_rejected(bad, needle):
+    with pytest.raises(ValidationError, match=needle):
+        _cfg(**bad)
+
+
+def test_kuberay_args_are_what_build_app_accepts():
+    """serveConfigV2 passes ``serving.model_dump(mode="json")``; it must validate back unchanged."""
+    from cluster.kuberay import APP_IMPORT_PATH, serve_config
+    from rayjobs.config import load_config
+    from rayjobs.serve import APP_NAME
+
+    cfg = load_config(ROOT / "examples" / "configs" / "demo.yaml")
+    app = serve_config(cfg)["applications"][0]
+    assert app["import_path"] == "service.app:build_app" == APP_IMPORT_PATH
+    assert app["name"] == APP_NAME
+    assert ServingConfig.model_validate(app["args"]) == cfg.serving
+
+
+def test_kwargs_validate_as_a_real_llm_config():
+    """The real ray.serve.llm LLMConfig accepts them (imports vLLM: a few seconds, no engine)."""
+    from ray.serve.llm import LLMConfig
+
+    cfg = _cfg(adapters={"a": "/a"}, autoscaling={"max_replicas": 3})
+    llm = LLMConfig(**llm_config_kwargs(cfg, "/models/student"))
+    engine = llm.get_engine_config()
+    assert engine.placement_bundles == [{"CPU": 1}]
+    assert type(engine.accelerator).__name__ == "CPUAccelerator"
+    assert engine.engine_kwargs["enable_lora"] is True
+    assert llm.deployment_config["autoscaling_config"]["max_replicas"] == 3

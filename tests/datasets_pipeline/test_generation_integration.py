@@ -148,19 +148,20 @@ def _kill_tree(proc) -> None:
 
 
 def _run_job(cfg_path: Path, env: dict, kill_when=None, timeout=900):
-    proc = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", "--config", str(cfg_path)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    # Output goes to a file: an unread pipe fills up with vLLM's logs and blocks the job.
+    log = cfg_path.with_suffix(f".{time.monotonic_ns()}.log")
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "rayjobs.generate", "--config", str(cfg_path)],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         if kill_when and kill_when():
             _kill_tree(proc)
-            return proc.returncode, proc.stdout.read().decode(errors="replace")
+            return proc.returncode, log.read_text(errors="replace")
         time.sleep(0.5)
     if proc.poll() is None:
         _kill_tree(proc)
-    out = proc.stdout.read().decode(errors="replace")
-    return proc.wait(), out
+    return proc.wait(), log.read_text(errors="replace")
 
 
 def test_s3_input_and_output_resume_after_kill(tiny_world, s3_server, tmp_path):

@@ -46,6 +46,35 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_distill(args) -> int:
+    from rayjobs.distill import run
+
+    run(load_config(args.config, args.overrides))
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from rayjobs.serve import run
+
+    run(load_config(args.config, args.overrides))
+    return 0
+
+
+def _cmd_run(args) -> int:
+    import os
+
+    from rayjobs.pipeline import GateFailed, run
+
+    cfg = load_config(args.config, args.overrides)
+    block = not (args.exit or os.environ.get("DEMO_EXIT") == "1")
+    try:
+        run(cfg, serve=not args.no_serve, block=block)
+    except GateFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def _cmd_demo_prepare(args) -> int:
     from rayjobs.demo.world import prepare
 
@@ -93,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="teacher generation + preprocessing into Parquet shards")
     _config_args(gen)
     gen.set_defaults(func=_cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the student behind an OpenAI-compatible endpoint (Ctrl-C stops)")
+    _config_args(srv)
+    srv.set_defaults(func=_cmd_serve)
+
+    dist = sub.add_parser("distill", help="train the student on the generated shards (Ray Train + DeepSpeed), merge, evaluate")
+    _config_args(dist)
+    dist.set_defaults(func=_cmd_distill)
+
+    run = sub.add_parser("run", help="the whole loop: generate, distill, merge, evaluate, serve, query")
+    _config_args(run)
+    run.add_argument("--exit", action="store_true", help="exit after the test query instead of serving (DEMO_EXIT=1)")
+    run.add_argument("--no-serve", action="store_true", help="stop after evaluation and the gate")
+    run.set_defaults(func=_cmd_run)
 
     from rayjobs import cli_jobs
 

@@ -66,6 +66,12 @@ class ScalingConfig(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Intra-op threads of each worker's torch. Default: what Ray sets for the worker "
+        "(OMP_NUM_THREADS = its CPUs). Set it on CPU nodes where Ray's logical CPUs outnumber cores.",
+    )
 
 
 class GateConfig(_Strict):
@@ -73,6 +79,15 @@ class GateConfig(_Strict):
 
     min_em: float | None = Field(None, ge=0.0, le=1.0)
     min_teacher_agreement: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation of the merged student on the generated shards' 'val' split."""
+
+    limit: int | None = Field(256, ge=1, description="Evaluate at most this many held-out prompts (first sample of each).")
+    max_new_tokens: int | None = Field(None, ge=1, description="Greedy generation budget; default: generation.sampling.max_new_tokens.")
+    batch_size: int = Field(64, ge=1, description="Prompts per batched greedy generate call.")
+    checker: str | None = Field(None, description="Answer checker, 'exact' or 'numeric'; default: generation.preprocess.checker.")
 
 
 class DistillationConfig(_Strict):
@@ -88,4 +103,8 @@ class DistillationConfig(_Strict):
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
     max_failures: int = Field(1, ge=0, description="Worker failures tolerated (restart from last checkpoint).")
     seed: int = 0
+    shuffle_buffer: int = Field(
+        1024, ge=0, description="Rows in each worker's local shuffle buffer (seeded per epoch); 0 keeps stream order."
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     gate: GateConfig = Field(default_factory=GateConfig)

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from datasets_pipeline.answers import THINK_CLOSE, THINK_OPEN
@@ -43,11 +43,35 @@ FILLER_TEXT = (
 )
 
 
-def _byte_level_bpe(vocab_size: int, special_tokens: Sequence[str], texts: Iterable[str]) -> Tokenizer:
+# Qwen2's split pattern. transformers rebuilds a Qwen2 model's tokenizer with exactly this pipeline
+# whatever tokenizer.json says, so a teacher tokenizer that uses it tokenizes the same under every
+# loader (transformers 4 and 5, vLLM).
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS = ("qwen2", "gpt2")
+
+
+def _pre_tokenizer(style: str) -> pre_tokenizers.PreTokenizer:
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    if style == "qwen2":
+        return pre_tokenizers.Sequence([
+            digits,
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    if style == "gpt2":
+        return pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    raise ValueError(f"unknown pre-tokenizer style {style!r}; known: {PRE_TOKENIZERS}")
+
+
+def _byte_level_bpe(
+    vocab_size: int, special_tokens: Sequence[str], texts: Iterable[str], style: str
+) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = _pre_tokenizer(style)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -81,18 +105,22 @@ def train_chat_tokenizer(
     special_tokens: Sequence[str] = (END_OF_TEXT, IM_START, IM_END),
     pad_token: str = END_OF_TEXT,
     model_max_length: int = 512,
+    pre_tokenizer: str = "qwen2",
 ) -> PreTrainedTokenizerFast:
     """Train a BPE on the messages of ``conversations`` (plus filler prose), wrapped for chat.
 
     The order and number of ``special_tokens`` fix their ids (0, 1, 2, ...) and shift every other
-    id, which is how two tokenizers are made to disagree even on the digits. ``<|im_end|>`` is eos because generation must stop at the end of the assistant
-    turn; ``<|endoftext|>`` is bos and, unless ``pad_token`` says otherwise, pad, as in Qwen2.
+    id, which is how two tokenizers are made to disagree even on the digits. ``<|im_end|>`` is eos
+    because generation must stop at the end of the assistant turn; ``<|endoftext|>`` is bos and,
+    unless ``pad_token`` says otherwise, pad, as in Qwen2. ``pre_tokenizer`` is "qwen2" (required
+    for a Qwen2 model, see ``QWEN2_SPLIT``) or "gpt2" (GPT-2's byte-level split, for other
+    families); both isolate digits.
     """
     missing = {END_OF_TEXT, IM_START, IM_END, pad_token} - set(special_tokens)
     if missing:
         raise ValueError(f"special_tokens must include {sorted(missing)}")
     corpus = [*_chat_texts(conversations), FILLER_TEXT]
-    backend = _byte_level_bpe(vocab_size, special_tokens, corpus)
+    backend = _byte_level_bpe(vocab_size, special_tokens, corpus, pre_tokenizer)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=END_OF_TEXT,

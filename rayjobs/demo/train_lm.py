@@ -24,7 +24,6 @@ class SFTSettings:
     lr: float
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 50
     log_every: int = 10
@@ -78,16 +77,11 @@ def train_causal_lm(
     """Train in place for ``settings.steps`` steps, or fewer once ``evaluate()`` reaches the target.
 
     ``evaluate`` is a callable rather than data so the caller decides what "good enough" means
-    (here: greedy exact match on a small held-out sample) and how much it may cost.
+    (here: greedy exact match on a small validation sample) and how much it may cost.
     """
-    # Norm gains and biases are not decayed: pulling them toward zero only fights the model.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr,
-        betas=(0.9, 0.98),
-    )
+    # No weight decay: every batch is fresh problems from an endless stream, so there is no fixed
+    # training set to overfit.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
     evals: list[tuple[int, float]] = []
     tokens, loss_sum, loss_n, last_loss = 0, 0.0, 0, 0.0

@@ -27,6 +27,19 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rayjobs.demo.task import (
+    Problem,
+    TaskSpec,
+    assistant_content,
+    draw_problems,
+    prompt_messages,
+    prompt_record,
+    split_problems,
+    training_messages,
+    training_stream,
+    write_prompts_jsonl,
+)
+
 # Bump when the build code changes what a recipe produces, so stale caches are not reused.
 WORLD_VERSION = 1
 WORLD_FILE = "world.json"
@@ -62,7 +75,9 @@ class DemoRecipe(BaseModel):
     n_train_prompts: int = Field(4000, ge=1, description="Rows of train.jsonl (the teacher generates on these).")
     n_heldout: int = Field(400, ge=1, description="Rows of heldout.jsonl; never seen in any training.")
     tokenizer_corpus: int = Field(2000, ge=1, description="Train problems the BPE tokenizers are fit on.")
-    teacher_vocab_size: int = Field(400, ge=300, description="Teacher BPE vocabulary cap (256 bytes + merges + specials).")
+    teacher_vocab_size: int = Field(
+        400, ge=300, description="Teacher BPE vocabulary cap (256 bytes + merges + specials)."
+    )
     student_vocab_size: int = Field(300, ge=270, description="Student BPE vocabulary cap; differs from the teacher's.")
     teacher: ModelShape = Field(
         ModelShape(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512,
@@ -70,7 +85,7 @@ class DemoRecipe(BaseModel):
         description="Qwen2 teacher shape.",
     )
     student: ModelShape = Field(
-        ModelShape(hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=3, intermediate_size=256,
+        ModelShape(hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=3, intermediate_size=224,
                    max_position_embeddings=128),
         description="Llama student shape (both students).",
     )
@@ -231,25 +246,9 @@ def resolve_model_ref(
 
 
 def _build(out: Path, recipe: DemoRecipe, progress: Callable[[str], None]) -> None:
-    # Heavy imports here, so resolving references of a cached world never loads torch.
+    # Heavy imports only here, so resolving references of a cached world never loads torch.
     import torch
     import transformers
-
-    from rayjobs.demo.evaluate import exact_match, exact_match_records
-    from rayjobs.demo.models import build_student, build_teacher, param_count, save_model
-    from rayjobs.demo.task import (
-        TaskSpec,
-        assistant_content,
-        draw_problems,
-        prompt_messages,
-        prompt_record,
-        split_problems,
-        training_messages,
-        training_stream,
-        write_prompts_jsonl,
-    )
-    from rayjobs.demo.tokenizers import END_OF_TEXT, IM_END, IM_START, PAD, train_chat_tokenizer
-    from rayjobs.demo.train_lm import SFTSettings, encode_example, train_causal_lm
 
     started = time.perf_counter()
     threads = torch.get_num_threads()
@@ -266,65 +265,22 @@ def _build(out: Path, recipe: DemoRecipe, progress: Callable[[str], None]) -> No
         write_prompts_jsonl(paths["heldout_jsonl"], "heldout", heldout, spec)
         progress(f"task: {len(train)} train / {len(heldout)} held-out prompts, {spec}")
 
-        corpus = [training_messages(p, spec) for p in train[: recipe.tokenizer_corpus]]
-        teacher_tok = train_chat_tokenizer(
-            corpus, recipe.teacher_vocab_size, (END_OF_TEXT, IM_START, IM_END),
-            pad_token=END_OF_TEXT, model_max_length=recipe.teacher.max_position_embeddings,
-        )
-        student_tok = train_chat_tokenizer(
-            corpus, recipe.student_vocab_size, (PAD, IM_START, IM_END, END_OF_TEXT),
-            pad_token=PAD, model_max_length=recipe.student.max_position_embeddings,
-        )
+        teacher_tok, student_tok = _tokenizers(recipe, spec, train)
         progress(f"tokenizers: teacher {len(teacher_tok)} tokens, student {len(student_tok)} tokens")
-
-        teacher = build_teacher(teacher_tok, recipe.teacher.model_dump(), recipe.seed)
-        examples = (
-            encode_example(teacher_tok, prompt_messages(p, spec), assistant_content(p))
-            for p in training_stream(spec, recipe.seed, exclude=[*heldout, *validation])
-        )
-        val_records = [prompt_record(f"val-{i}", p, spec) for i, p in enumerate(validation)]
-        settings = SFTSettings(
-            steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
-            eval_every=recipe.eval_every, target_em=recipe.target_em,
-        )
-        progress(f"teacher: Qwen2 {param_count(teacher):,} params, training up to {recipe.steps} steps")
-        stats = train_causal_lm(
-            teacher, teacher_tok, examples, settings,
-            evaluate=lambda: exact_match_records(teacher, teacher_tok, val_records)["em"],
-            progress=progress,
-        )
-        save_model(teacher, teacher_tok, paths["teacher"])
-        teacher_eval = exact_match(paths["teacher"], paths["heldout_jsonl"])
-        progress(f"teacher held-out em {teacher_eval['em']:.3f} on {teacher_eval['n']}")
-        if teacher_eval["em"] < recipe.min_teacher_em:
-            raise RuntimeError(f"teacher held-out em {teacher_eval['em']:.3f} < {recipe.min_teacher_em}; not caching")
-
-        student = build_student(student_tok, recipe.student.model_dump(), recipe.seed + 1)
-        same_tok_student = build_student(teacher_tok, recipe.student.model_dump(), recipe.seed + 2)
-        params = {"teacher": param_count(teacher), "student": param_count(student),
-                  "student_same_tokenizer": param_count(same_tok_student)}
-        ratio = max(params["student"], params["student_same_tokenizer"]) / params["teacher"]
-        if ratio > MAX_STUDENT_PARAM_RATIO:
-            raise ValueError(f"students have {ratio:.3f} of the teacher's parameters (> {MAX_STUDENT_PARAM_RATIO})")
-        save_model(student, student_tok, paths["student"])
-        save_model(same_tok_student, teacher_tok, paths["student_same_tokenizer"])
-        student_em = {
-            name: exact_match(paths[name], paths["heldout_jsonl"])["em"]
-            for name in ("student", "student_same_tokenizer")
-        }
-        progress(f"students: {params['student']:,} params, untrained held-out em {student_em}")
+        teacher_info = _train_teacher(recipe, spec, teacher_tok, heldout, validation, paths, progress)
+        student_info = _make_students(recipe, teacher_tok, student_tok, teacher_info["params"], paths, progress)
 
         info = {
             "world_version": WORLD_VERSION,
             "hash": recipe.digest(),
             "recipe": recipe.model_dump(mode="json"),
             "paths": _LAYOUT,
-            "teacher_em": teacher_eval["em"],
-            "heldout_n": teacher_eval["n"],
-            "student_em": student_em,
-            "params": params,
+            "teacher_em": teacher_info["em"],
+            "heldout_n": len(heldout),
+            "student_em": student_info["em"],
+            "params": {"teacher": teacher_info["params"], **student_info["params"]},
             "vocab": {"teacher": len(teacher_tok), "student": len(student_tok)},
-            "teacher_training": stats,
+            "teacher_training": teacher_info["training"],
             "build_seconds": round(time.perf_counter() - started, 1),
             "built_with": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": transformers.__version__},
@@ -335,3 +291,81 @@ def _build(out: Path, recipe: DemoRecipe, progress: Callable[[str], None]) -> No
         torch.set_num_threads(threads)
         if bars:
             transformers.utils.logging.enable_progress_bar()
+
+
+def _tokenizers(recipe: DemoRecipe, spec: TaskSpec, train: list[Problem]) -> tuple:
+    """(teacher, student) tokenizers fit on the same text but disagreeing on merges and ids."""
+    from rayjobs.demo.tokenizers import END_OF_TEXT, IM_END, IM_START, PAD, train_chat_tokenizer
+
+    corpus = [training_messages(p, spec) for p in train[: recipe.tokenizer_corpus]]
+    teacher = train_chat_tokenizer(
+        corpus, recipe.teacher_vocab_size, (END_OF_TEXT, IM_START, IM_END),
+        pad_token=END_OF_TEXT, model_max_length=recipe.teacher.max_position_embeddings, pre_tokenizer="qwen2",
+    )
+    student = train_chat_tokenizer(
+        corpus, recipe.student_vocab_size, (IM_START, IM_END, END_OF_TEXT, PAD),
+        pad_token=PAD, model_max_length=recipe.student.max_position_embeddings, pre_tokenizer="gpt2",
+    )
+    return teacher, student
+
+
+def _train_teacher(recipe: DemoRecipe, spec: TaskSpec, tokenizer, heldout: list[Problem],
+                   validation: list[Problem], paths: dict[str, Path], progress: Callable[[str], None]) -> dict:
+    """Train, save and measure the teacher; refuses (raises) a teacher below ``min_teacher_em``."""
+    from transformers import AutoTokenizer
+
+    from rayjobs.demo.evaluate import exact_match, exact_match_records
+    from rayjobs.demo.models import build_teacher, param_count, save_model
+    from rayjobs.demo.tokenizers import save_tokenizer
+    from rayjobs.demo.train_lm import SFTSettings, encode_example, train_causal_lm
+
+    teacher = build_teacher(tokenizer, recipe.teacher.model_dump(), recipe.seed)
+    # Train with the tokenizer exactly as loaders will see it: AutoTokenizer picks the class from
+    # the saved model config (Qwen2Tokenizer for a Qwen2 model), not from the object we built.
+    teacher.config.save_pretrained(paths["teacher"])
+    save_tokenizer(tokenizer, paths["teacher"])
+    loaded = AutoTokenizer.from_pretrained(paths["teacher"])
+    examples = (
+        encode_example(loaded, prompt_messages(p, spec), assistant_content(p))
+        for p in training_stream(spec, recipe.seed, exclude=[*heldout, *validation])
+    )
+    val_records = [prompt_record(f"val-{i}", p, spec) for i, p in enumerate(validation)]
+    settings = SFTSettings(
+        steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
+        eval_every=recipe.eval_every, target_em=recipe.target_em,
+    )
+    params = param_count(teacher)
+    progress(f"teacher: Qwen2 {params:,} params, training up to {recipe.steps} steps")
+    training = train_causal_lm(
+        teacher, loaded, examples, settings,
+        evaluate=lambda: exact_match_records(teacher, loaded, val_records)["em"],
+        progress=progress,
+    )
+    save_model(teacher, tokenizer, paths["teacher"])
+    em = exact_match(paths["teacher"], paths["heldout_jsonl"])["em"]
+    progress(f"teacher held-out em {em:.3f} on {len(heldout)}")
+    if em < recipe.min_teacher_em:
+        raise RuntimeError(f"teacher held-out em {em:.3f} < min_teacher_em {recipe.min_teacher_em}; not caching")
+    return {"em": em, "params": params, "training": training}
+
+
+def _make_students(recipe: DemoRecipe, teacher_tok, student_tok, teacher_params: int, paths: dict[str, Path],
+                   progress: Callable[[str], None]) -> dict:
+    """Random-init students, saved and measured untrained (the baseline distillation must beat)."""
+    from rayjobs.demo.evaluate import exact_match
+    from rayjobs.demo.models import build_student, param_count, save_model
+
+    students = {
+        "student": (build_student(student_tok, recipe.student.model_dump(), recipe.seed + 1), student_tok),
+        "student_same_tokenizer": (build_student(teacher_tok, recipe.student.model_dump(), recipe.seed + 2),
+                                   teacher_tok),
+    }
+    params = {name: param_count(model) for name, (model, _) in students.items()}
+    ratio = max(params.values()) / teacher_params
+    if ratio > MAX_STUDENT_PARAM_RATIO:
+        raise ValueError(f"students have {ratio:.3f} of the teacher's parameters (> {MAX_STUDENT_PARAM_RATIO})")
+    for name, (model, tokenizer) in students.items():
+        save_model(model, tokenizer, paths[name])
+    em = {name: exact_match(paths[name], paths["heldout_jsonl"])["em"] for name in students}
+    progress(f"students: Llama {params['student']:,} params ({ratio:.3f} of the teacher), untrained em {em}")
+    return {"em": em, "params": params}

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -28,6 +30,12 @@ def test_non_demo_refs_pass_through(tmp_path):
     assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="demo:teacher"):
         resolve_model_ref("demo:nope", root=tmp_path)
+
+
+def test_resolving_refs_needs_no_torch():
+    code = "import sys, rayjobs.demo.world; print('torch' in sys.modules or 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +99,8 @@ def test_vocabularies_differ_but_both_split_digits(world):
     assert teacher.get_vocab() != student.get_vocab()
     assert teacher.get_vocab() == same.get_vocab()
     assert teacher.convert_tokens_to_ids("7") != student.convert_tokens_to_ids("7")
+    for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert teacher.convert_tokens_to_ids(token) != student.convert_tokens_to_ids(token)
     assert teacher.pad_token_id != student.pad_token_id
     for tokenizer in (teacher, student):
         tokens = tokenizer.tokenize("What is 1234 + 98?")

@@ -1,0 +1,99 @@
+"""Per-step training curves: one JSONL row per optimizer step, drawn to a PNG.
+
+Rows are plain dicts written by the train loop's rank 0: ``step`` (1-based optimizer step),
+``loss``, ``ce``, ``kd`` (token means over the step's micro-batches), ``lr`` (the LR of the
+base group for that update), ``tokens``, ``tokens_per_s``, ``epoch`` and ``attempt`` (0 for the
+first start, +1 for each restart from a checkpoint). Writing goes through pyarrow's filesystem
+layer, so the output may be local or s3://.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Sequence
+
+from cluster.storage import filesystem
+
+
+def _write_bytes(location: str, data: bytes) -> None:
+    fs, path = filesystem(location)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def to_jsonl(rows: Iterable[dict]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+
+
+def from_jsonl(data: bytes | str) -> list[dict]:
+    text = data.decode() if isinstance(data, bytes) else data
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def write_jsonl(rows: Iterable[dict], location: str) -> None:
+    _write_bytes(location, to_jsonl(rows))
+
+
+def read_jsonl(location: str) -> list[dict]:
+    fs, path = filesystem(location)
+    with fs.open_input_stream(path) as f:
+        return from_jsonl(f.read())
+
+
+def render_png(rows: Sequence[dict], title: str = "") -> bytes:
+    """Loss terms (top) and LR (bottom) against the step; restarts marked by vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for key in ("loss", "ce", "kd"):
+        values = [r.get(key) for r in rows]
+        if any(v for v in values):
+            ax_loss.plot(steps, values, label=key, linewidth=1.2)
+    ax_loss.set_ylabel("loss (token mean)")
+    ax_loss.legend(loc="upper right")
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, [r.get("lr") for r in rows], color="tab:purple", linewidth=1.2)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    for prev, row in zip(rows, rows[1:], strict=False):
+        if row.get("attempt", 0) != prev.get("attempt", 0):
+            for ax in (ax_loss, ax_lr):
+                ax.axvline(row["step"] - 0.5, color="grey", linestyle="--", linewidth=0.8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_curves(rows: Sequence[dict], jsonl_location: str, png_location: str, title: str = "") -> None:
+    write_jsonl(rows, jsonl_location)
+    if rows:
+        _write_bytes(png_location, render_png(rows, title))
+
+
+def steady_tokens_per_s(rows: Sequence[dict], skip: int = 2) -> float | None:
+    """Training tokens/s over step times, leaving out the first ``skip`` steps of each attempt.
+
+    Step times exclude checkpoint saves and start-up (engine build, JIT, restore), so this is the
+    steady-state rate; None when too few steps remain.
+    """
+    kept, seen = [], {}
+    for row in rows:
+        attempt = row.get("attempt", 0)
+        seen[attempt] = seen.get(attempt, 0) + 1
+        if seen[attempt] > skip:
+            kept.append(row)
+    seconds = sum(r["step_time_s"] for r in kept)
+    return sum(r["tokens"] for r in kept) / seconds if kept and seconds > 0 else None

@@ -1,0 +1,190 @@
+"""Held-out evaluation of the merged student, and the gate that decides whether it ships.
+
+Data: the generated shards' ``val`` split (first sample of each prompt, up to ``limit``). Each row
+has the prompt, the reference answer (when the source had one), the teacher's answer and the
+teacher's tokens in the student's vocabulary, which gives four measures:
+
+* ``em``: the student's final answer (after the think block) checked against the reference with
+  the generation stage's checker; ``token_f1``: SQuAD-style token F1 of the normalized answers.
+* ``teacher_agreement``: the student's answer checked against the teacher's answer.
+* ``perplexity``: exp of the student's token-mean cross-entropy on the teacher's outputs.
+* ``tokens_per_s``: greedy generation throughput (transformers batched ``generate``, left padding).
+
+HF generate rather than vLLM: tiny students evaluate in seconds in-process, where a vLLM engine
+would spend ~30 s starting. ``check_gate`` and the metric helpers are pure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from datasets_pipeline.answers import check_answer, normalize_answer, split_reasoning
+from rayjobs.distill_config import GateConfig
+
+EVAL_COLUMNS = ["prompt_id", "sample_index", "split", "messages", "reference", "answer", "input_ids", "prompt_len",
+                "teacher_offset"]
+
+
+def token_f1(predicted: str, reference: str) -> float:
+    """Harmonic mean of token precision and recall after ``normalize_answer`` (SQuAD)."""
+    pred, ref = normalize_answer(predicted).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_metrics(
+    completions: Sequence[str], references: Sequence[str | None], teacher_answers: Sequence[str], checker: str
+) -> dict:
+    """EM and F1 over rows with a reference; agreement with the teacher over all rows."""
+    answers = [split_reasoning(c)[1] for c in completions]
+    scored = [(a, r) for a, r in zip(answers, references, strict=True) if r is not None]
+    em = sum(check_answer(a, r, checker) for a, r in scored) / len(scored) if scored else None
+    f1 = sum(token_f1(a, r) for a, r in scored) / len(scored) if scored else None
+    agree = [check_answer(a, t, checker) for a, t in zip(answers, teacher_answers, strict=True)]
+    return {
+        "em": em,
+        "token_f1": f1,
+        "teacher_agreement": sum(agree) / len(agree) if agree else None,
+        "n_with_reference": len(scored),
+    }
+
+
+def check_gate(report: dict, gate: GateConfig) -> dict:
+    """``{"passed", "checks"}``; a threshold whose metric is missing (no references) fails."""
+    checks = []
+    for metric, threshold in (("em", gate.min_em), ("teacher_agreement", gate.min_teacher_agreement)):
+        if threshold is None:
+            continue
+        value = report.get(metric)
+        checks.append({"metric": metric, "value": value, "min": threshold,
+                       "passed": value is not None and value >= threshold})
+    return {"passed": all(c["passed"] for c in checks), "checks": checks}
+
+
+def load_eval_records(data_location: str, limit: int | None) -> list[dict]:
+    """First sample of each ``val`` prompt, in prompt-id order (deterministic across runs)."""
+    import pyarrow.compute as pc
+
+    from datasets_pipeline.shards import ShardStore
+
+    table = ShardStore(data_location).read_samples(EVAL_COLUMNS)
+    table = table.filter(pc.equal(table["split"], "val"))
+    rows = sorted(table.to_pylist(), key=lambda r: (r["prompt_id"], r["sample_index"]))
+    first, seen = [], set()
+    for row in rows:
+        if row["prompt_id"] not in seen:
+            seen.add(row["prompt_id"])
+            first.append(row)
+    return first[:limit] if limit else first
+
+
+def _generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int):
+    """Greedy completions and the number of tokens generated (up to each row's first eos)."""
+    import torch
+
+    from datasets_pipeline.targets import render_prompt
+
+    texts, generated = [], 0
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    try:
+        for start in range(0, len(conversations), batch_size):
+            prompts = [render_prompt(tokenizer, m) for m in conversations[start:start + batch_size]]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.inference_mode():
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+            new = out[:, batch["input_ids"].shape[1]:]
+            is_eos = (new == tokenizer.eos_token_id).int()
+            generated += int(((is_eos.cumsum(1) - is_eos) == 0).sum())
+            texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return texts, generated
+
+
+def _speaks_student_tokens(tokenizer, record: dict) -> bool:
+    """Whether ``input_ids`` (student tokens) are this model's tokens: its prompt encodes the same."""
+    from datasets_pipeline.targets import render_prompt
+
+    prompt = render_prompt(tokenizer, json.loads(record["messages"]))
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return list(ids) == list(record["input_ids"][: record["prompt_len"]])
+
+
+def _perplexity(model, tokenizer, records: list[dict], batch_size: int, max_seq_len: int) -> float | None:
+    """exp(token-mean CE) of the model on the teacher's outputs in student tokens (prompt excluded).
+
+    None for a model with another tokenizer (e.g. the teacher evaluated as a baseline): the stored
+    token ids would mean other tokens to it.
+    """
+    import torch
+
+    from rayjobs.collate import CollateSettings, collate, model_inputs
+    from rayjobs.losses import distill_loss
+
+    rows = [r for r in records if r["input_ids"]]
+    if not rows or not _speaks_student_tokens(tokenizer, rows[0]):
+        return None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = CollateSettings(pad_id=pad, max_seq_len=max_seq_len, with_teacher=False)
+    nll, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = collate({k: [r[k] for r in chunk] for k in ("input_ids", "prompt_len", "teacher_offset")}, settings)
+        with torch.inference_mode():
+            logits = model(**{k: v.to(model.device) for k, v in model_inputs(batch).items()}).logits
+        out = distill_loss(logits, batch["labels"].to(model.device))
+        nll += float(out.ce) * int(out.num_tokens)
+        count += int(out.num_tokens)
+    return math.exp(nll / count) if count else None
+
+
+def evaluate_model(
+    model_dir: str,
+    data_location: str,
+    *,
+    checker: str,
+    max_new_tokens: int,
+    limit: int | None = None,
+    batch_size: int = 64,
+    max_seq_len: int = 2048,
+    device: str = "cpu",
+    num_examples: int = 5,
+) -> dict:
+    """The eval report (JSON-serializable) of a saved HF model on the shards' val split."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    records = load_eval_records(data_location, limit)
+    report: dict = {"model": model_dir, "n": len(records), "checker": checker, "max_new_tokens": max_new_tokens}
+    if not records:
+        return {**report, "em": None, "token_f1": None, "teacher_agreement": None, "perplexity": None,
+                "tokens_per_s": None, "note": "no 'val' rows in the shards (generation.preprocess.val_fraction)"}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    conversations = [json.loads(r["messages"]) for r in records]
+    start = time.perf_counter()
+    completions, generated = _generate(model, tokenizer, conversations, max_new_tokens, batch_size)
+    seconds = time.perf_counter() - start
+    report.update(answer_metrics(completions, [r["reference"] for r in records], [r["answer"] for r in records],
+                                 checker))
+    report.update(
+        perplexity=_perplexity(model, tokenizer, records, batch_size, max_seq_len),
+        generated_tokens=generated,
+        generation_s=seconds,
+        tokens_per_s=generated / seconds if seconds > 0 else None,
+        examples=[{"prompt_id": r["prompt_id"], "reference": r["reference"], "teacher": r["answer"],
+                   "student": split_reasoning(c)[1], "completion": c}
+                  for r, c in zip(records[:num_examples], completions, strict=False)],
+    )
+    return report

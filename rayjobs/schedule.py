@@ -1,0 +1,103 @@
+"""Learning-rate schedules and optimizer param groups (layer-wise LR decay, no-decay params).
+
+Pure: no torch import. The schedule is a multiplier of each group's base LR, for
+``torch.optim.lr_scheduler.LambdaLR``; the train loop and the plain-PyTorch benchmark share it.
+
+Step convention (LambdaLR's): ``lr_factor(s)`` is the multiplier in force for optimizer step
+``s + 1``, i.e. step 0 is the first update. Warmup is linear from ``1 / warmup_steps`` up to 1
+at ``s = warmup_steps - 1``, so the first update never uses LR 0.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+# Transformer block index in parameter names of HF decoders ("model.layers.3.mlp..." in Llama,
+# Qwen2, Mistral; "transformer.h.3..." in GPT-2), with or without a peft prefix.
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
+_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|wpe|embed_positions|embeddings)\.")
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    return int(math.ceil(total_steps * warmup_ratio))
+
+
+def lr_factor(step: int, kind: str, total_steps: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base LR for update ``step + 1`` (0-based ``step``).
+
+    After warmup, ``linear`` and ``cosine`` decay from 1 to ``min_ratio`` at ``total_steps``;
+    ``constant`` stays at 1. Steps past ``total_steps`` keep the final value.
+    """
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; known: {list(SCHEDULES)}")
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    decay_steps = max(total_steps - warmup, 1)
+    progress = min((step - warmup) / decay_steps, 1.0)
+    if kind == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def make_lr_lambda(kind: str, total_steps: int, warmup_ratio: float, min_ratio: float = 0.0) -> Callable[[int], float]:
+    warmup = warmup_steps(total_steps, warmup_ratio)
+    return lambda step: lr_factor(step, kind, total_steps, warmup, min_ratio)
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """0 for embeddings, ``i + 1`` for block ``i``, ``num_layers + 1`` for the rest (final norm, head)."""
+    if match := _LAYER.search(name):
+        return int(match.group(1)) + 1
+    if _EMBEDDING.search(name):
+        return 0
+    return num_layers + 1
+
+
+def _no_weight_decay(name: str, ndim: int) -> bool:
+    """Biases and norm scales are not decayed (AdamW practice since BERT)."""
+    return ndim < 2 or "norm" in name.lower()
+
+
+def param_groups(
+    named_params: Iterable[tuple[str, Any]],
+    lr: float,
+    weight_decay: float,
+    num_layers: int,
+    layerwise_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """AdamW param groups over the trainable params (``requires_grad``).
+
+    With ``layerwise_decay`` = d, a param of layer id ``i`` (see ``layer_id``) gets
+    ``lr * d ** (num_layers + 1 - i)``: the head keeps the base LR and each block below gets d
+    times the one above (ELECTRA/BEiT). Each group records ``lr_scale`` and ``layer_id`` for logs.
+    Params are duck-typed: anything with ``requires_grad`` and ``ndim``.
+    """
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        lid = layer_id(name, num_layers) if layerwise_decay is not None else num_layers + 1
+        no_decay = _no_weight_decay(name, param.ndim)
+        key = (lid, no_decay)
+        if key not in groups:
+            scale = layerwise_decay ** (num_layers + 1 - lid) if layerwise_decay is not None else 1.0
+            groups[key] = {
+                "params": [],
+                "lr": lr * scale,
+                "lr_scale": scale,
+                "layer_id": lid,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+            }
+        groups[key]["params"].append(param)
+    if not groups:
+        raise ValueError("no trainable parameters (all have requires_grad=False)")
+    return [groups[k] for k in sorted(groups)]

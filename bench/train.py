@@ -8,7 +8,8 @@ saves are outside every measured step on both sides. Runs alternate (plain, Ray,
 so slow drifts of load hit both sides alike. On a shared machine other processes' bursts still
 slow single steps several-fold, so each side's figure is the 90th percentile of its per-step
 tokens/s (the steps least disturbed, i.e. what the code itself costs); the medians are printed
-beside it.
+beside it. The plain loop runs in a child process at the niceness Ray gives its workers
+(see ``plain_run``), so the scheduler treats both sides alike.
 
 Prints the side-by-side numbers and ends with one JSON line:
   ray_deepspeed_vs_plain_tokens_per_s  Ray Train + DeepSpeed tokens/s / plain PyTorch tokens/s (p90 steps)

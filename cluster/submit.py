@@ -1,8 +1,8 @@
 """Submit raystill jobs to a Ray cluster from a laptop (Ray Jobs API over the dashboard port).
 
-The repository is the job's ``working_dir``; the resolved config (overrides applied) is
-written into it first, so the job runs exactly the config that was validated here,
-wherever the original file lived.
+The repository is the job's ``working_dir``; the resolved config (overrides applied) travels
+in the job's environment (``--config env:RAYSTILL_CONFIG_YAML``), so the job runs exactly the
+config validated here, wherever the original file lived.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import yaml
 # Never uploaded: environments, artifacts and caches can be gigabytes.
 EXCLUDES = [".venv/", "venv/", "runs/", ".cache/", ".git/", "**/__pycache__/", "*.egg-info/",
             ".pytest_cache/", "*.parquet", "*.safetensors"]
-SUBMITTED_DIR = ".raystill/submitted"
+CONFIG_ENV = "RAYSTILL_CONFIG_YAML"
 # Forwarded when set locally: where S3 is, never the credentials (those come from the cluster).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "RAYSTILL_CACHE")
 STAGES = ("pipeline", "generate", "distill", "serve")
+AGENT_WAIT_S = 60
 
 
 def auth_headers(token_file: str | None = None) -> dict[str, str]:
@@ -50,16 +51,23 @@ def submit(cfg, address: str, stage: str = "pipeline", working_dir: str = ".", t
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}' (choose from {', '.join(STAGES)})")
     submission_id = submission_id or f"raystill-{cfg.name}-{stage}-{int(time.time())}"
-    rel = f"{SUBMITTED_DIR}/{submission_id}.yaml"
-    dest = Path(working_dir) / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return client(address, token_file).submit_job(
-        entrypoint=f"python -m rayjobs.{stage} --config {rel}",
-        submission_id=submission_id,
-        runtime_env=runtime_env(working_dir, cfg.cluster.env_vars),
-        metadata={"raystill_run": cfg.name, "raystill_stage": stage},
-    )
+    env = runtime_env(working_dir, cfg.cluster.env_vars)
+    env["env_vars"][CONFIG_ENV] = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    c = client(address, token_file)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return c.submit_job(
+                entrypoint=f"python -m rayjobs.{stage} --config env:{CONFIG_ENV}",
+                submission_id=submission_id,
+                runtime_env=env,
+                metadata={"raystill_run": cfg.name, "raystill_stage": stage},
+            )
+        except RuntimeError as e:
+            # A freshly started head answers 500 until its job agent is up.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def follow(c, submission_id: str, out=print, poll_s: float = 1.0) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,22 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+ENV_PREFIX = "env:"
+
+
 def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    """Read a config file, or ``env:VAR`` (how `raystill submit` ships a resolved config to a job)."""
+    if str(path).startswith(ENV_PREFIX):
+        text = os.environ.get(str(path)[len(ENV_PREFIX):])
+        if text is None:
+            raise ConfigError(f"{path}: environment variable not set")
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        text = p.read_text()
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -14,15 +14,7 @@ import json
 from collections.abc import Iterable, Sequence
 
 from cluster.storage import filesystem
-
-
-def _write_bytes(location: str, data: bytes) -> None:
-    fs, path = filesystem(location)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+from cluster.storage import write_bytes as _write_bytes
 
 
 def to_jsonl(rows: Iterable[dict]) -> bytes:

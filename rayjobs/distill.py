@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from cluster.connect import ray_init
-from cluster.storage import filesystem, is_s3, join
+from cluster.storage import filesystem, is_s3, join, write_bytes
 from rayjobs.collate import BASE_COLUMNS, TEACHER_COLUMNS
 from rayjobs.config import ConfigError, PipelineConfig
 from rayjobs.distill_config import DistillationConfig, OptimConfig

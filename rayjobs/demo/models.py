@@ -60,8 +60,11 @@ def _shape_kwargs(tokenizer: PreTrainedTokenizerBase, shape: Mapping[str, int]) 
 
 
 def teacher_config(tokenizer: PreTrainedTokenizerBase, shape: Mapping[str, int]) -> Qwen2Config:
-    """``shape`` holds hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size and
-    max_position_embeddings (a recipe's shape dict), so this module needs no recipe type."""
+    """Qwen2 config from a plain shape mapping.
+
+    ``shape`` holds hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size and
+    max_position_embeddings (a recipe's shape dumped to a dict), so this module needs no recipe type.
+    """
     return Qwen2Config(**_shape_kwargs(tokenizer, shape))
 
 
@@ -81,8 +84,8 @@ def build_student(tokenizer: PreTrainedTokenizerBase, shape: Mapping[str, int], 
 
 
 def param_count(model: torch.nn.Module) -> int:
-    """Unique parameters: tied input/output embeddings count once."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Tied input/output embeddings count once (``parameters()`` yields a shared tensor once)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:

@@ -41,15 +41,41 @@ def _port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
+    """A real head with its dashboard. `--block` + killing our own process group stops only this
+    cluster (`ray stop` would kill every Ray on the machine, the session's shared one included)."""
+    import signal
+    import time
+
+    from ray.job_submission import JobSubmissionClient
+
     temp = tmp_path_factory.mktemp("rayhead")
     port, dash = _port(), _port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-                    "--num-cpus", "8", "--disable-usage-stats", "--temp-dir", str(temp)],
-                   check=True, env=env, capture_output=True, timeout=180)
-    yield f"http://127.0.0.1:{dash}"
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    # As from an activated venv: the job's `python` must be the one raystill is installed in.
+    env = {**os.environ, "RAY_ADDRESS": "", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([RAY, "start", "--head", "--block", "--port", str(port),
+                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                             "--include-dashboard", "true", "--num-cpus", "8", "--disable-usage-stats",
+                             "--temp-dir", str(temp)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    token = Path.home() / ".ray" / "auth_token"
+    headers = {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else None
+    deadline = time.time() + 180
+    while True:
+        try:
+            JobSubmissionClient(address, headers=headers).list_jobs()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise RuntimeError("ray head did not come up")
+            time.sleep(1)
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _cli(*args, timeout=420):

@@ -114,3 +114,10 @@ def test_cli_show_prints_resolved_yaml(capsys):
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["serving"]["port"] == 9000
     assert shown["distillation"]["data"] == shown["generation"]["output"]
+
+
+def test_config_from_environment(monkeypatch):
+    monkeypatch.setenv("RAYSTILL_CONFIG_YAML", DEMO.read_text())
+    assert load_config("env:RAYSTILL_CONFIG_YAML").name == "demo"
+    with pytest.raises(ConfigError, match="environment variable not set"):
+        load_config("env:RAYSTILL_NO_SUCH_VAR")

@@ -55,6 +55,9 @@ def ray_head(tmp_path_factory):
     proc = subprocess.Popen([RAY, "start", "--head", "--block", "--port", str(port),
                              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                              "--include-dashboard", "true", "--num-cpus", "8", "--disable-usage-stats",
+                             # Free ports: the session's own Ray may hold the agents' defaults already.
+                             "--dashboard-agent-listen-port", str(_port()), "--dashboard-agent-grpc-port", str(_port()),
+                             "--metrics-export-port", str(_port()), "--runtime-env-agent-port", str(_port()),
                              "--temp-dir", str(temp)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"

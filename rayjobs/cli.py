@@ -105,6 +105,13 @@ def _cmd_demo_eval(args) -> int:
     return 0
 
 
+def _config_command(sub, name: str, helptext: str, func) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=helptext)
+    _config_args(p)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raystill", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,27 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect and check pipeline configs").add_subparsers(
         dest="action", required=True
     )
-    show = config.add_parser("show", help="print the resolved config (defaults and overrides applied)")
-    _config_args(show)
-    show.set_defaults(func=_cmd_config_show)
-    validate = config.add_parser("validate", help="check a config; exit 2 with one line per problem")
-    _config_args(validate)
-    validate.set_defaults(func=_cmd_config_validate)
-
-    gen = sub.add_parser("generate", help="teacher generation + preprocessing into Parquet shards")
-    _config_args(gen)
-    gen.set_defaults(func=_cmd_generate)
-
-    srv = sub.add_parser("serve", help="serve the student behind an OpenAI-compatible endpoint (Ctrl-C stops)")
-    _config_args(srv)
-    srv.set_defaults(func=_cmd_serve)
-
-    dist = sub.add_parser("distill", help="train the student on the generated shards (Ray Train + DeepSpeed), merge, evaluate")
-    _config_args(dist)
-    dist.set_defaults(func=_cmd_distill)
-
-    run = sub.add_parser("run", help="the whole loop: generate, distill, merge, evaluate, serve, query")
-    _config_args(run)
+    _config_command(config, "show", "print the resolved config (defaults and overrides applied)", _cmd_config_show)
+    _config_command(config, "validate", "check a config; exit 2 with one line per problem", _cmd_config_validate)
+    _config_command(sub, "generate", "teacher generation + preprocessing into Parquet shards", _cmd_generate)
+    _config_command(sub, "serve", "serve the student behind an OpenAI-compatible endpoint (Ctrl-C stops)", _cmd_serve)
+    _config_command(sub, "distill", "train the student on the generated shards (Ray Train + DeepSpeed), merge, evaluate",
+                    _cmd_distill)
+    run = _config_command(sub, "run", "the whole loop: generate, distill, merge, evaluate, serve, query", _cmd_run)
     run.add_argument("--exit", action="store_true", help="exit after the test query instead of serving (DEMO_EXIT=1)")
     run.add_argument("--no-serve", action="store_true", help="stop after evaluation and the gate")
     run.set_defaults(func=_cmd_run)

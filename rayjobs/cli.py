@@ -128,7 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     run = _config_command(sub, "run", "the whole loop: generate, distill, merge, evaluate, serve, query", _cmd_run)
     run.add_argument("--exit", action="store_true", help="exit after the test query instead of serving (DEMO_EXIT=1)")
     run.add_argument("--no-serve", action="store_true", help="stop after evaluation and the gate")
-    run.set_defaults(func=_cmd_run)
 
     from rayjobs import cli_jobs
 

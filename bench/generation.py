@@ -1,7 +1,8 @@
 """Generation benchmark: our ray.data.llm pipeline vs direct vllm.LLM.generate, same prompts.
 
 Prints the side-by-side numbers and ends with one JSON line:
-  pipeline_vs_direct_tokens_per_s  pipeline tokens/s / direct tokens/s (wall, start-up included)
+  pipeline_vs_direct_tokens_per_s  pipeline tokens/s / direct tokens/s (wall, start-up included), top-k k
+  pipeline_vs_direct_tokens_per_s_no_logprobs  the same with logprobs off (k = 0)
   topk_bytes_per_token             stored top-k bytes per generated token (goal <= 8k+16 at k=20)
   peak_rss_10x_over_1x             peak RSS of the whole process tree at 10x rows / at 1x rows
 
@@ -116,10 +117,10 @@ def main() -> None:
 
     world = prepare(progress=lambda *a: None)
     if args.child == "direct":
-        print(json.dumps(run_direct(world.teacher, Path(args.file), args.k, args.max_new_tokens)))
+        print(json.dumps(run_direct(str(world.teacher), Path(args.file), args.k, args.max_new_tokens)))
         return
     if args.child == "pipeline":
-        print(json.dumps(run_pipeline(world.teacher, world.student_same_tokenizer, Path(args.file),
+        print(json.dumps(run_pipeline(str(world.teacher), str(world.student_same_tokenizer), Path(args.file),
                                       Path(args.out), args.k, args.max_new_tokens)))
         return
 
@@ -130,18 +131,25 @@ def main() -> None:
     direct, _ = _child("direct", ["--file", str(ten), *common])
     pipe, peak10 = _child("pipeline", ["--file", str(ten), "--out", str(tmp / "out10"), *common])
     _, peak1 = _child("pipeline", ["--file", str(one), "--out", str(tmp / "out1"), *common])
+    # The same pair without logprobs isolates what carrying top-k through ray.data.llm costs.
+    plain = ["--k", "0", "--max-new-tokens", str(args.max_new_tokens)]
+    direct0, _ = _child("direct", ["--file", str(ten), *plain])
+    pipe0, _ = _child("pipeline", ["--file", str(ten), "--out", str(tmp / "out10k0"), *plain])
     ratio = pipe["tokens_per_s"] / direct["tokens_per_s"]
-    print(f"prompts={args.prompts} k={args.k} max_new_tokens={args.max_new_tokens}")
-    print(f"direct vllm.LLM : {direct['tokens']} tokens in {direct['wall_s']:.1f}s = {direct['tokens_per_s']:.0f} tokens/s")
-    print(f"our pipeline    : {pipe['tokens']} tokens in {pipe['wall_s']:.1f}s = {pipe['tokens_per_s']:.0f} tokens/s")
-    print(f"ratio {ratio:.3f}; top-k {pipe['topk_bytes_per_token']} B/token (limit {8 * args.k + 16})")
+    ratio0 = pipe0["tokens_per_s"] / direct0["tokens_per_s"]
+    print(f"prompts={args.prompts} max_new_tokens={args.max_new_tokens}")
+    for k, d, p in ((args.k, direct, pipe), (0, direct0, pipe0)):
+        print(f"k={k:<3} direct vllm.LLM : {d['tokens']} tokens in {d['wall_s']:.1f}s = {d['tokens_per_s']:.0f} tokens/s")
+        print(f"k={k:<3} our pipeline    : {p['tokens']} tokens in {p['wall_s']:.1f}s = {p['tokens_per_s']:.0f} tokens/s"
+              f"  (ratio {p['tokens_per_s'] / d['tokens_per_s']:.3f})")
+    print(f"top-k {pipe['topk_bytes_per_token']} B/token (limit {8 * args.k + 16})")
     print(f"peak RSS: 1x {peak1 / 2**30:.2f} GiB, 10x {peak10 / 2**30:.2f} GiB")
     print(json.dumps({
         "pipeline_vs_direct_tokens_per_s": round(ratio, 3),
+        "pipeline_vs_direct_tokens_per_s_no_logprobs": round(ratio0, 3),
         "topk_bytes_per_token": pipe["topk_bytes_per_token"],
         "peak_rss_10x_over_1x": round(peak10 / peak1, 3),
     }))
-
 
 if __name__ == "__main__":
     main()

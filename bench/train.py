@@ -121,7 +121,7 @@ def plain_loop(cfg, steps: int, threads: int) -> list[dict]:
 
     torch.set_num_threads(threads)
     d = cfg.distillation
-    settings = LossSettings(**d.loss.model_dump())
+    settings = LossSettings(kind=d.loss.kind, **d.loss.settings_fields())
     tok = AutoTokenizer.from_pretrained(d.student)
     model = build_model(d.student, d, d.seed)
     model.train()

@@ -32,6 +32,12 @@ SAMPLE_SCHEMA = pa.schema(
         # Index in input_ids where teacher_token_ids start verbatim (same tokenizer, reasoning
         # kept); -1 when the student's tokens differ and top-k must be aligned across tokenizers.
         pa.field("teacher_offset", pa.int32(), nullable=False),
+        # Cross-tokenizer alignment (datasets_pipeline.alignment), empty when teacher_offset >= 0 or
+        # the texts could not be aligned: per student target token (input_ids[prompt_len:]), the
+        # index of the teacher token starting at the same character, -1 if none.
+        pa.field("teacher_align", pa.list_(pa.int32()), nullable=False),
+        # topk_ids mapped to student ids (alignment.vocab_map), -1 unmapped; empty unless aligned.
+        pa.field("topk_student_ids", pa.list_(pa.int32()), nullable=False),
     ]
 )
 

@@ -12,6 +12,7 @@ import json
 import numpy as np
 
 from datasets_pipeline import records as R
+from datasets_pipeline.alignment import tokenizer_decoder, tokenizer_vocab_map
 from datasets_pipeline.answers import CHECKERS, split_reasoning
 from datasets_pipeline.config import GenerationConfig
 from datasets_pipeline.engine import sampling_params
@@ -105,7 +106,8 @@ def _seq(x):
 
 def _blank() -> dict:
     return {"completion": "", "reasoning": None, "answer": "", "verified": None, "teacher_token_ids": [],
-            "topk_k": 0, "topk_ids": [], "topk_logprobs": [], "input_ids": [], "prompt_len": 0, "teacher_offset": -1}
+            "topk_k": 0, "topk_ids": [], "topk_logprobs": [], "input_ids": [], "prompt_len": 0, "teacher_offset": -1,
+            "teacher_align": [], "topk_student_ids": []}
 
 
 class StudentStage:
@@ -116,6 +118,9 @@ class StudentStage:
         self.teacher_tok = _load_tokenizer(teacher_path)
         self.student_tok = _load_tokenizer(student_path)
         self.aligned = same_vocabulary(self.teacher_tok, self.student_tok)
+        # Cross-tokenizer: teacher id -> student id, built once per actor (see alignment.vocab_map).
+        self.vocab_map = None if self.aligned else np.asarray(
+            tokenizer_vocab_map(self.teacher_tok, self.student_tok), np.int32)
         self.checker = CHECKERS[self.cfg.preprocess.checker]
 
     def __call__(self, row: dict) -> dict:
@@ -145,6 +150,8 @@ class StudentStage:
             input_ids=[],
             prompt_len=0,
             teacher_offset=-1,
+            teacher_align=[],
+            topk_student_ids=[],
         )
         # ray.data.llm routes failed rows around our postprocess, raw, with __inference_error__ set.
         error = row.get("__inference_error__")
@@ -164,8 +171,19 @@ class StudentStage:
                 reasoning_policy=self.cfg.preprocess.reasoning,
                 max_len=self.cfg.student_max_len or 1 << 30,
                 aligned_vocab=self.aligned,
+                teacher_decode=None if self.aligned else tokenizer_decoder(self.teacher_tok),
             )
         except TooLong as e:
             return {**out, "status": R.TOO_LONG_FOR_STUDENT, "detail": str(e)}
-        out.update(input_ids=ex.input_ids, prompt_len=ex.prompt_len, teacher_offset=ex.teacher_offset)
+        out.update(input_ids=ex.input_ids, prompt_len=ex.prompt_len, teacher_offset=ex.teacher_offset,
+                   teacher_align=ex.teacher_align)
+        if ex.teacher_align and len(topk_ids):
+            out["topk_student_ids"] = map_ids(self.vocab_map, topk_ids)
         return out
+
+
+def map_ids(mapping: np.ndarray, ids) -> np.ndarray:
+    """Teacher ids -> student ids through ``mapping``; ``-1`` (padding) and unknown ids stay ``-1``."""
+    ids = np.asarray(ids, np.int64)
+    known = (ids >= 0) & (ids < len(mapping))
+    return np.where(known, mapping[np.where(known, ids, 0)], -1).astype(np.int32)

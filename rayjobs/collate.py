@@ -15,8 +15,11 @@ distribution over the token it generated at step ``j``. With ``teacher_offset = 
 ``teacher[t] = topk[t + 1 - o]``. The eos appended by preprocessing (when the teacher's text did
 not end with it) has no top-k and gets no KD mask, only cross-entropy.
 
-Rows with ``teacher_offset = -1`` (student tokens differ from the teacher's: another tokenizer, or
-stripped reasoning) get no KD mask: cross-tokenizer alignment is not implemented yet.
+Rows with ``teacher_offset = -1`` (student tokens differ from the teacher's) take their teacher from
+the cross-tokenizer alignment the generation stage stored (``teacher_align``: per student target
+token, the teacher token starting at the same character; ``rayjobs.xtok.aligned_teacher_xtok``),
+with the top-k ids mapped to student ids (``topk_student_ids``). Rows with neither (stripped
+reasoning, texts that did not align) get no KD mask, only cross-entropy.
 
 Packing (``packing=True``). The micro-batch's rows are packed first-fit-decreasing into rows of
 ``max_seq_len`` tokens. Each packed row carries ``position_ids`` restarting at 0 for every sample
@@ -34,12 +37,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rayjobs.xtok import aligned_teacher_xtok
+
 IGNORE_INDEX = -100
 NO_TOKEN = -1
 
 # Columns the collator reads; the teacher ones only when KD is on (they are the bulk of the bytes).
 BASE_COLUMNS = ("input_ids", "prompt_len", "teacher_offset")
-TEACHER_COLUMNS = ("topk_k", "topk_ids", "topk_logprobs")
+TEACHER_COLUMNS = ("topk_k", "topk_ids", "topk_logprobs", "teacher_align", "topk_student_ids")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,9 @@ class CollateSettings:
     max_seq_len: int
     packing: bool = False
     with_teacher: bool = True
+    # Cross-tokenizer rows: KD over the stored ids mapped to student ids (``vocab_map``), or over
+    # the teacher's own ids, which only ULD can use (it ignores which token each probability is).
+    xtok_map: bool = True
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -105,6 +113,17 @@ def aligned_teacher(
     return ids, lps, mask
 
 
+def _row_teacher(batch: Mapping[str, Sequence], r: int, length: int, width: int, xtok_map: bool):
+    """Row ``r``'s teacher at its student positions: same-tokenizer offset, cross-tokenizer alignment or none."""
+    offset, k = int(batch["teacher_offset"][r]), int(batch["topk_k"][r])
+    align = batch["teacher_align"][r] if "teacher_align" in batch else None
+    if offset >= 0 or align is None or not len(align):
+        return aligned_teacher(length, offset, k, width, batch["topk_ids"][r], batch["topk_logprobs"][r])
+    ids = batch["topk_student_ids"][r] if xtok_map else batch["topk_ids"][r]
+    return aligned_teacher_xtok(length, int(batch["prompt_len"][r]), align, k, width, ids,
+                                batch["topk_logprobs"][r], merge=xtok_map)
+
+
 def _num_rows(batch: Mapping[str, Sequence]) -> int:
     return len(batch["input_ids"])
 
@@ -120,10 +139,7 @@ def _segments(batch: Mapping[str, Sequence], settings: CollateSettings) -> tuple
         ids = np.asarray(batch["input_ids"][r], np.int64)[: settings.max_seq_len]
         labels = shifted_labels(ids, int(batch["prompt_len"][r]))
         if with_teacher:
-            t_ids, t_lps, t_mask = aligned_teacher(
-                len(ids), int(batch["teacher_offset"][r]), int(batch["topk_k"][r]), width,
-                batch["topk_ids"][r], batch["topk_logprobs"][r],
-            )
+            t_ids, t_lps, t_mask = _row_teacher(batch, r, len(ids), width, settings.xtok_map)
         else:
             t_ids = t_lps = None
             t_mask = np.zeros(len(ids), bool)

@@ -42,6 +42,8 @@ class PipelineConfig(BaseModel):
             self.generation.student_tokenizer = self.distillation.student
         if self.generation.student_max_len is None:
             self.generation.student_max_len = self.distillation.max_seq_len
+        if self.distillation.teacher.model is None:
+            self.distillation.teacher.model = self.generation.teacher
         if self.distillation.data is None:
             self.distillation.data = self.generation.output
         if self.serving.model is None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from cluster.connect import ray_init
 from cluster.storage import filesystem, is_s3, join, write_bytes
 from rayjobs.collate import BASE_COLUMNS, TEACHER_COLUMNS
+from rayjobs.online_teacher import ONLINE_COLUMNS
 from rayjobs.config import ConfigError, PipelineConfig
 from rayjobs.distill_config import DistillationConfig, OptimConfig
 from rayjobs.entry import run_job
@@ -66,25 +67,62 @@ def _write_json(location: str, data: dict) -> None:
         f.write((json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def data_stats(data: str) -> dict[str, int]:
-    """Rows per split and rows carrying aligned teacher top-k, from three small columns."""
+def data_stats(data: str, context_limit: int) -> dict[str, int]:
+    """Rows per split, rows carrying teacher top-k at student positions, rows over the context.
+
+    ``with_teacher_topk`` counts same-tokenizer rows (``teacher_offset >= 0``) and cross-tokenizer
+    rows with an alignment; ``xtok`` the latter; ``over_context`` the rows (any split) longer than
+    ``context_limit`` student tokens.
+    """
     import pyarrow.compute as pc
 
     from datasets_pipeline.shards import ShardStore
 
-    table = ShardStore(data).read_samples(["split", "topk_k", "teacher_offset"])
+    table = ShardStore(data).read_samples(["split", "topk_k", "teacher_offset", "teacher_align", "input_ids"])
     stats = {split: int(pc.sum(pc.equal(table["split"], split)).as_py() or 0) for split in ("train", "val")}
-    with_topk = pc.and_(pc.greater(table["topk_k"], 0), pc.greater_equal(table["teacher_offset"], 0))
+    xtok = pc.and_(pc.less(table["teacher_offset"], 0),
+                   pc.greater(pc.fill_null(pc.list_value_length(table["teacher_align"]), 0), 0))
+    with_topk = pc.and_(pc.greater(table["topk_k"], 0), pc.or_(pc.greater_equal(table["teacher_offset"], 0), xtok))
     stats["with_teacher_topk"] = int(pc.sum(with_topk).as_py() or 0)
+    stats["xtok"] = int(pc.sum(pc.and_(pc.greater(table["topk_k"], 0), xtok)).as_py() or 0)
+    over = pc.greater(pc.list_value_length(table["input_ids"]), context_limit)
+    stats["over_context"] = int(pc.sum(over).as_py() or 0)
+    stats["over_context_train"] = int(pc.sum(pc.and_(over, pc.equal(table["split"], "train"))).as_py() or 0)
     return stats
 
 
+def model_config(location: str) -> dict:
+    """A model directory's ``config.json`` (local or s3://), without fetching the weights."""
+    fs, path = filesystem(join(location, "config.json"))
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def context_limit(d: DistillationConfig, student: dict) -> int:
+    """Student positions a sample may use: ``max_seq_len``, capped by the model's own positions."""
+    positions = student.get("max_position_embeddings")
+    return min(d.max_seq_len, positions) if positions else d.max_seq_len
+
+
+def context_report(d: DistillationConfig, limit: int, stats: dict[str, int]) -> dict:
+    """What ``context_policy`` did to samples longer than the student's positions (for summary.json)."""
+    over = stats["over_context"]
+    return {"limit": limit, "policy": d.context_policy, "over_limit": over,
+            "truncated": over if d.context_policy == "truncate" else 0,
+            "dropped": over if d.context_policy == "drop" else 0}
+
+
 def training_columns(d: DistillationConfig) -> list[str]:
+    if d.online_teacher:
+        return list(BASE_COLUMNS + ONLINE_COLUMNS)
     return list(BASE_COLUMNS + (TEACHER_COLUMNS if d.loss.kind == "logit" else ()))
 
 
-def build_datasets(data: str, columns: list[str], stats: dict[str, int]) -> dict:
-    """Lazy Ray Datasets over the committed shards, one per split present; nothing is read here."""
+def build_datasets(data: str, columns: list[str], stats: dict[str, int], drop_over: int | None = None) -> dict:
+    """Lazy Ray Datasets over the committed shards, one per split present; nothing is read here.
+
+    ``drop_over``: leave out rows with more student tokens than this (``context_policy: drop``).
+    """
     import ray.data
     from ray.data.expressions import col
 
@@ -97,15 +135,21 @@ def build_datasets(data: str, columns: list[str], stats: dict[str, int]) -> dict
         if stats.get(split):
             # Ray Data pushes the projection and the predicate down into the Parquet read.
             ds = ray.data.read_parquet(files, filesystem=store.fs).select_columns([*columns, "split"])
-            out[split] = ds.filter(expr=col("split") == split).select_columns(columns)
+            keep = col("split") == split
+            if drop_over is not None:
+                keep = keep & (col("input_ids").list.len() <= drop_over)
+            out[split] = ds.filter(expr=keep).select_columns(columns)
     return out
 
 
-def build_loop_config(cfg: PipelineConfig, student: str, total_steps: int, storage: str, has_val: bool) -> dict:
+def build_loop_config(cfg: PipelineConfig, student: str, total_steps: int, storage: str, has_val: bool,
+                      max_seq_len: int) -> dict:
     d = cfg.distillation
     loop = {
         "distillation": d.model_dump(mode="json"),
         "student": student,
+        "teacher": _abs(resolve_data(d.teacher.model)) if d.online_teacher else None,
+        "max_seq_len": max_seq_len,
         "total_steps": total_steps,
         "merged_location": join(_abs(d.output), "merged"),
         "run_dir": join(storage, cfg.name),
@@ -135,7 +179,7 @@ def _run_config(cfg: PipelineConfig, storage: str):
 
 
 def _read_trainer_state(checkpoint) -> dict:
-    from rayjobs.train_loop import STATE_FILE
+    from rayjobs.train_checkpoints import STATE_FILE
 
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
         return json.loads(f.read().decode())
@@ -155,25 +199,35 @@ def train(cfg: PipelineConfig, log=print) -> dict:
 
     d = cfg.distillation
     data = _abs(resolve_data(d.data))
+    student = _abs(resolve_data(d.student))
     ray_init(cfg.cluster)
-    stats = data_stats(data)
+    student_config = model_config(student)
+    limit = context_limit(d, student_config)
+    stats = data_stats(data, limit)
     check_supported(d, stats)
-    plan = plan_steps(stats["train"], d.optim, d.scaling.num_workers)
+    if d.online_teacher:
+        check_models(d, student_config, model_config(_abs(resolve_data(d.teacher.model))))
+    context = context_report(d, limit, stats)
+    dropped = stats["over_context_train"] if d.context_policy == "drop" else 0
+    plan = plan_steps(stats["train"] - dropped, d.optim, d.scaling.num_workers)
     log(f"distill: {plan.rows} train rows, {stats['val']} val rows; {plan.total_steps} optimizer steps "
         f"({plan.micro_batches_per_epoch} micro-batches per worker-epoch, {d.scaling.num_workers} workers)")
-    if d.loss.kind == "logit" and stats["with_teacher_topk"] < stats["train"] + stats["val"]:
+    if context["over_limit"]:
+        log(f"distill: {context['over_limit']} rows are longer than the student's {limit} positions: "
+            f"{'dropped' if d.context_policy == 'drop' else 'truncated'} (distillation.context_policy)")
+    if d.loss.kind == "logit" and not d.online_teacher and stats["with_teacher_topk"] < stats["train"] + stats["val"]:
         log(f"distill: warning: only {stats['with_teacher_topk']} of {stats['train'] + stats['val']} rows carry "
             "aligned teacher top-k; the others train on cross-entropy alone")
     storage = join(_abs(d.output), "checkpoints")
     resources = {"CPU": d.scaling.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=build_loop_config(cfg, _abs(resolve_data(d.student)), plan.total_steps, storage,
-                                            has_val=stats["val"] > 0),
+        train_loop_config=build_loop_config(cfg, student, plan.total_steps, storage, has_val=stats["val"] > 0,
+                                            max_seq_len=limit),
         scaling_config=RayScalingConfig(num_workers=d.scaling.num_workers, use_gpu=d.scaling.use_gpu,
                                         resources_per_worker=resources),
         run_config=_run_config(cfg, storage),
-        datasets=build_datasets(data, training_columns(d), stats),
+        datasets=build_datasets(data, training_columns(d), stats, drop_over=limit if dropped else None),
         # Per-worker order must be reproducible for resume to replay the same batches.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
@@ -184,6 +238,7 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     state["checkpoint"] = result.checkpoint.path
     state["total_steps"] = plan.total_steps
     state["rows"] = stats
+    state["context"] = context
     return state
 
 
@@ -219,19 +274,28 @@ def check_supported(d: DistillationConfig, stats: dict[str, int] | None = None) 
 
     ``ConfigError``: the CLI prints it as one line and exits 2, like any config problem.
     """
-    if d.loss.kind == "feature":
-        raise ConfigError("distillation.loss.kind='feature' (hidden-state distillation) is not implemented yet; "
-                         "use 'data' (cross-entropy on the teacher's text) or 'logit' (top-k KD)")
     if d.deepspeed.precision == "fp16" and not d.scaling.use_gpu:
         raise ConfigError("distillation.deepspeed.precision='fp16' needs GPU workers; use 'bf16' or 'fp32' on CPU")
     if stats is None:
         return
     if not stats["train"]:
         raise ConfigError(f"no 'train' rows in the committed shards at {d.data}")
-    if d.loss.kind == "logit" and not stats["with_teacher_topk"]:
-        raise ConfigError("distillation.loss.kind='logit' needs teacher top-k aligned with the student's tokens, and "
-                         "no row has it: generate with generation.sampling.logprobs_topk > 0 and a student that "
-                         "shares the teacher's tokenizer (cross-tokenizer KD is not implemented yet)")
+    if d.loss.kind == "logit" and not d.online_teacher and not stats["with_teacher_topk"]:
+        raise ConfigError("distillation.loss.kind='logit' needs stored teacher top-k at the student's positions, and "
+                         "no row has it: generate with generation.sampling.logprobs_topk > 0 and preprocess.reasoning "
+                         "'keep' (or set distillation.teacher.source: online)")
+
+
+def check_models(d: DistillationConfig, student: dict, teacher: dict) -> None:
+    """Online teacher: the layer map must fit both depths (``ConfigError`` naming the field)."""
+    from rayjobs.batch_loss import feature_settings
+
+    if d.loss.kind != "feature":
+        return
+    try:
+        feature_settings(d, student["num_hidden_layers"], teacher["num_hidden_layers"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def run(cfg: PipelineConfig, log=print) -> dict:
@@ -240,7 +304,9 @@ def run(cfg: PipelineConfig, log=print) -> dict:
     Keys: ``steps``/``total_steps``, ``tokens``, ``train_tokens_per_s`` (steady state),
     ``final_loss``, ``val`` (worker-side val loss), ``restarts`` (starts from a checkpoint, a
     rerun of a finished run included) and ``restored_from_steps``, ``merged``, ``checkpoint``,
-    ``curves``, ``eval`` (headline metrics; the full report is ``eval_report``), ``gate``
+    ``curves``, ``eval`` (headline metrics; the full report is ``eval_report``; ``student_em_after``
+    and ``teacher_agreement`` repeat two of them at the top), ``context`` (samples longer than the
+    student's positions and what ``context_policy`` did with them), ``gate``
     (``passed`` + per-threshold ``checks``), ``config_digest``, ``wall_s``. A failed gate is
     reported, not raised: the caller decides whether to deploy.
     """
@@ -277,6 +343,10 @@ def run(cfg: PipelineConfig, log=print) -> dict:
         "checkpoint": state["checkpoint"],
         "curves": curves,
         "eval": {k: report.get(k) for k in ("n", "em", "token_f1", "teacher_agreement", "perplexity", "tokens_per_s")},
+        "student_em_after": report.get("em"),
+        "teacher_agreement": report.get("teacher_agreement"),
+        "loss_kind": d.loss.kind,
+        "context": state["context"],
         "eval_report": eval_path,
         "gate": report["gate"],
         "wall_s": time.perf_counter() - started,

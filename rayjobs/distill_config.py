@@ -13,6 +13,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class FeatureConfig(_Strict):
+    """kind 'feature': hidden states and attention maps of the online teacher (rayjobs/feature_losses.py)."""
+
+    layer_map: list[tuple[int, int]] | None = Field(
+        None, description="[student, teacher] hidden-state indices (0 = embeddings, i = block i); "
+        "default: uniform, student block i -> teacher block round(i * L_t / L_s).")
+    hidden_loss: Literal["mse", "cosine"] = Field("cosine", description="Hidden-state distance after the projection.")
+    hidden_weight: float = Field(1.0, ge=0.0, description="Weight of the hidden-state loss.")
+    attention_weight: float = Field(
+        0.0, ge=0.0, description="Weight of the head-averaged attention-map KL (stage 2); > 0 runs both models "
+        "with eager attention.")
+
+
+class LossScheduleConfig(_Strict):
+    """Schedules from practice: two-stage feature training and a temperature ramp."""
+
+    stage1_steps: int = Field(
+        0, ge=0, description="kind 'feature': the first N optimizer steps train the hidden-state loss only; "
+        "later steps add cross-entropy, KD and the attention loss. 0: one stage.")
+    temperature_start: float | None = Field(None, gt=0.0, description="KD temperature at the first step (linear ramp).")
+    temperature_end: float | None = Field(None, gt=0.0, description="KD temperature at the last step.")
+
+    @model_validator(mode="after")
+    def _both_ends(self):
+        if (self.temperature_start is None) != (self.temperature_end is None):
+            raise ValueError("temperature_start and temperature_end go together (set both, or neither)")
+        return self
+
+
+class XtokConfig(_Strict):
+    """Logit KD when the teacher's tokenizer differs from the student's (rayjobs/xtok.py)."""
+
+    method: Literal["vocab_map", "uld"] = Field(
+        "vocab_map", description="'vocab_map': teacher top-k mapped onto student ids at aligned positions; "
+        "'uld': Universal Logit Distillation's sorted-probability L1 (no vocabulary relation needed).")
+    online_topk: int = Field(32, ge=1, description="Online teacher: top-k of its full distribution mapped per position.")
+
+
 class LossConfig(_Strict):
     kind: Literal["data", "logit", "feature"] = Field("data", description="Distillation signal.")
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl"] = "forward_kl"
@@ -21,6 +59,39 @@ class LossConfig(_Strict):
     beta: float = Field(0.5, ge=0.0, le=1.0, description="Generalized JSD interpolation.")
     lam: float = Field(0.1, ge=0.0, le=1.0, description="Skew KL mixing.")
     tail: Literal["renormalize", "bucket"] = Field("bucket", description="Treatment of mass outside the teacher top-k.")
+    feature: FeatureConfig = Field(default_factory=FeatureConfig)
+    schedule: LossScheduleConfig = Field(default_factory=LossScheduleConfig)
+    xtok: XtokConfig = Field(default_factory=XtokConfig)
+
+    @model_validator(mode="after")
+    def _stages_need_features(self):
+        if self.schedule.stage1_steps and self.kind != "feature":
+            raise ValueError("schedule.stage1_steps needs kind 'feature' (stage 1 trains the hidden-state loss)")
+        return self
+
+    def settings_fields(self) -> dict:
+        """The fields ``rayjobs.losses.LossSettings`` takes."""
+        return self.model_dump(include={"divergence", "temperature", "alpha", "beta", "lam", "tail"})
+
+
+class TeacherConfig(_Strict):
+    """The online teacher: frozen, run inside every training worker on each batch."""
+
+    model: str | None = Field(None, description="Teacher model; defaults to generation.teacher.")
+    source: Literal["stored", "online"] = Field(
+        "stored", description="kind 'logit': KD from the top-k stored by generation, or from the online teacher's "
+        "full logits. kind 'feature' always runs the teacher online.")
+    shard: Literal["none", "zero3"] = Field(
+        "none", description="'zero3': partition the teacher's weights across workers with DeepSpeed ZeRO-3 "
+        "(no optimizer), for teachers too large for one device; 'none': a full copy per worker.")
+    offload: bool = Field(False, description="With shard 'zero3': keep the teacher's partitions in CPU memory.")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Teacher weights' dtype.")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero3(self):
+        if self.offload and self.shard != "zero3":
+            raise ValueError("offload requires shard 'zero3'")
+        return self
 
 
 class LoraConfig(_Strict):
@@ -95,7 +166,11 @@ class DistillationConfig(_Strict):
     data: Location | None = Field(None, description="Generated shards; defaults to generation.output.")
     output: Location = Field(description="Checkpoints, merged model and eval report go here.")
     max_seq_len: int = Field(512, ge=16)
+    context_policy: Literal["truncate", "drop"] = Field(
+        "truncate", description="Samples longer than the student's positions (min of max_seq_len and the model's "
+        "max_position_embeddings): cut to fit, or left out of training. Both are counted in summary.json.")
     loss: LossConfig = Field(default_factory=LossConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
@@ -108,3 +183,15 @@ class DistillationConfig(_Strict):
     )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @property
+    def online_teacher(self) -> bool:
+        """Whether the training workers run the teacher (feature KD, or logit KD with source 'online')."""
+        return self.loss.kind == "feature" or (self.loss.kind == "logit" and self.teacher.source == "online")
+
+    @model_validator(mode="after")
+    def _online_teacher_unpacked(self):
+        if self.online_teacher and self.optim.packing:
+            raise ValueError("optim.packing is not supported with an online teacher (its own sequences are "
+                             "aligned per sample); set optim.packing: false")
+        return self

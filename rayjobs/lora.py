@@ -36,8 +36,11 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig):
     return get_peft_model(model, peft_cfg)
 
 
-def load_student(model_dir: str, dtype: torch.dtype | str = torch.float32) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+def load_student(model_dir: str, dtype: torch.dtype | str = torch.float32,
+                 attn_implementation: str | None = None) -> PreTrainedModel:
+    """``attn_implementation``: None for transformers' default, ``"eager"`` to get attention probabilities."""
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
 
 
 def build_export_model(

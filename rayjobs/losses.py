@@ -25,7 +25,7 @@ With ``S`` the top-k set and ``q`` the student:
   T = 1 the binned divergence is a lower bound of the dense one (data-processing inequality; all
   five are f-divergences), equal when the student's tail is proportional to the teacher's, in
   particular when k = V (empty tail). The rest mass is floored at k * eps, the precision of
-  ``1 - sum`` (see ``_rest_log_masses``). The default of ``rayjobs.distill_config.LossConfig``.
+  ``1 - sum`` (see ``rest_log_masses``). The default of ``rayjobs.distill_config.LossConfig``.
 
 Temperature T is applied after building the support at T = 1: ``log_softmax(log_probs / T)`` over
 the support, for teacher and student alike. For renormalize that equals tempering the full
@@ -139,7 +139,7 @@ class LossOutput:
     num_kd_tokens: torch.Tensor
 
 
-def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """``sum_i a_i (log a_i - log b_i)`` over the last dim; terms with ``a_i = 0`` are exactly 0.
 
     Those terms are filled *before* the arithmetic: computing ``-inf - -inf`` and masking after
@@ -167,33 +167,33 @@ def _mix(log_a: torch.Tensor, log_b: torch.Tensor, weight: float) -> torch.Tenso
 
 def forward_kl(log_p: torch.Tensor, log_q: torch.Tensor, settings: LossSettings) -> torch.Tensor:
     """KL(teacher || student): mass-covering, the classic KD objective."""
-    return _kl(log_p, log_q)
+    return kl(log_p, log_q)
 
 
 def reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, settings: LossSettings) -> torch.Tensor:
     """KL(student || teacher): mode-seeking, favoured for on-policy distillation."""
-    return _kl(log_q, log_p)
+    return kl(log_q, log_p)
 
 
 def jsd(log_p: torch.Tensor, log_q: torch.Tensor, settings: LossSettings) -> torch.Tensor:
     """Generalized JSD with ``beta`` (TRL GKD convention, see the module docstring)."""
     beta = settings.beta
     if beta == 0.0:
-        return _kl(log_p, log_q)
+        return kl(log_p, log_q)
     if beta == 1.0:
-        return _kl(log_q, log_p)
+        return kl(log_q, log_p)
     log_m = _mix(log_p, log_q, beta)
-    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    return beta * kl(log_p, log_m) + (1.0 - beta) * kl(log_q, log_m)
 
 
 def skew_kl(log_p: torch.Tensor, log_q: torch.Tensor, settings: LossSettings) -> torch.Tensor:
     """KL(p || lam p + (1 - lam) q): forward KL that stays finite where the student is ~0."""
-    return _kl(log_p, _mix(log_p, log_q, settings.lam))
+    return kl(log_p, _mix(log_p, log_q, settings.lam))
 
 
 def skew_reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, settings: LossSettings) -> torch.Tensor:
     """KL(q || lam q + (1 - lam) p): reverse KL that stays finite where the teacher is ~0."""
-    return _kl(log_q, _mix(log_q, log_p, settings.lam))
+    return kl(log_q, _mix(log_q, log_p, settings.lam))
 
 
 Divergence = Callable[[torch.Tensor, torch.Tensor, LossSettings], torch.Tensor]
@@ -211,7 +211,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _rest_log_masses(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rest_log_masses(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log of the mass outside the support, ``log(1 - sum exp(lp))``, for teacher and student.
 
     ``1 - sum`` over k stored values is only known to within ``tau = k * eps``. Below ``tau`` on
@@ -227,7 +227,7 @@ def _rest_log_masses(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> tupl
     return teacher_rest, student_rest
 
 
-def _temper(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+def temper(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """Tempered, renormalized log-probabilities over the support; also renormalizes at T = 1."""
     return torch.log_softmax(log_probs / temperature, dim=-1)
 
@@ -260,10 +260,10 @@ def topk_support(
     gathered = student_logits.gather(-1, torch.where(valid, ids, 0))
     student_lp = (gathered - student_lse[..., None]).masked_fill(~live, _NEG_INF)
     if settings.tail == "bucket":
-        teacher_rest, student_rest = _rest_log_masses(teacher_lp, student_lp)
+        teacher_rest, student_rest = rest_log_masses(teacher_lp, student_lp)
         teacher_lp = torch.cat([teacher_lp, teacher_rest], dim=-1)
         student_lp = torch.cat([student_lp, student_rest], dim=-1)
-    return _temper(teacher_lp, settings.temperature), _temper(student_lp, settings.temperature), counted
+    return temper(teacher_lp, settings.temperature), temper(student_lp, settings.temperature), counted
 
 
 def dense_support(
@@ -282,9 +282,30 @@ def dense_support(
     return log_p, log_q, counted
 
 
-def _token_mean(values: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_mean(values: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = counted.sum()
     return torch.where(counted, values, 0.0).sum() / n.clamp(min=1), n
+
+
+@dataclass(frozen=True)
+class StudentTerms:
+    """The student's side, computed once: logits in the compute dtype, their logsumexp over V,
+    which positions have a label, and the token-mean cross-entropy over them."""
+
+    logits: torch.Tensor
+    lse: torch.Tensor
+    has_label: torch.Tensor
+    ce: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def student_terms(student_logits: torch.Tensor, labels: torch.Tensor) -> StudentTerms:
+    logits = student_logits.to(_compute_dtype(student_logits))
+    has_label = labels != IGNORE_INDEX
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(-1, torch.where(has_label, labels, 0)[..., None]).squeeze(-1)
+    ce, num_tokens = token_mean(lse - target, has_label)
+    return StudentTerms(logits, lse, has_label, ce, num_tokens)
 
 
 def distill_loss(
@@ -301,11 +322,8 @@ def distill_loss(
         term (prompt, padding).
     teacher: required when ``settings.kind == "logit"``; ignored for ``"data"``.
     """
-    logits = student_logits.to(_compute_dtype(student_logits))
-    has_label = labels != IGNORE_INDEX
-    lse = torch.logsumexp(logits, dim=-1)
-    target = logits.gather(-1, torch.where(has_label, labels, 0)[..., None]).squeeze(-1)
-    ce, num_tokens = _token_mean(lse - target, has_label)
+    terms = student_terms(student_logits, labels)
+    logits, lse, has_label, ce, num_tokens = terms.logits, terms.lse, terms.has_label, terms.ce, terms.num_tokens
     if settings.kind == "data":
         return LossOutput(ce, ce, ce.new_zeros(()), num_tokens, torch.zeros_like(num_tokens))
     if teacher is None:
@@ -316,7 +334,7 @@ def distill_loss(
     else:
         log_p, log_q, counted = dense_support(logits, teacher, counted, settings)
     per_token = DIVERGENCES[settings.divergence](log_p, log_q, settings)
-    kd, num_kd = _token_mean(per_token, counted)
+    kd, num_kd = token_mean(per_token, counted)
     kd = kd * settings.temperature**2
     total = (1.0 - settings.alpha) * ce + settings.alpha * kd
     return LossOutput(total, ce, kd, num_tokens, num_kd)

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and optimizer param groups (layer-wise LR decay, no-decay params).
+"""Learning-rate and loss schedules, and optimizer param groups (layer-wise LR decay, no-decay params).
 
 Pure: no torch import. The schedule is a multiplier of each group's base LR, for
 ``torch.optim.lr_scheduler.LambdaLR``; the train loop and the plain-PyTorch benchmark share it.
@@ -51,6 +51,23 @@ def lr_factor(step: int, kind: str, total_steps: int, warmup: int, min_ratio: fl
 def make_lr_lambda(kind: str, total_steps: int, warmup_ratio: float, min_ratio: float = 0.0) -> Callable[[int], float]:
     warmup = warmup_steps(total_steps, warmup_ratio)
     return lambda step: lr_factor(step, kind, total_steps, warmup, min_ratio)
+
+
+def loss_stage(step: int, stage1_steps: int) -> int:
+    """Two-stage feature distillation: 1 for the first ``stage1_steps`` updates (0-based ``step``), then 2."""
+    return 1 if step < stage1_steps else 2
+
+
+def temperature_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """KD temperature for update ``step + 1``: linear from ``start`` (first update) to ``end`` (last).
+
+    Higher early (softer targets carry more of the teacher's ranking while the student is far
+    off), annealed to ``end`` (usually 1.0, the distribution the student will sample from).
+    """
+    if total_steps <= 1:
+        return end
+    progress = min(max(step, 0) / (total_steps - 1), 1.0)
+    return start + (end - start) * progress
 
 
 def layer_id(name: str, num_layers: int) -> int:

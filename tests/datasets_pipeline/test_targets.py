@@ -49,3 +49,34 @@ def test_too_long_for_student(toks):
     tok, _ = toks
     with pytest.raises(TooLong, match="max_len 8"):
         build_student_example(tok, MSGS, "x", "x", [1], reasoning_policy="keep", max_len=8, aligned_vocab=False)
+
+
+def test_other_vocab_aligns_target_tokens_with_teacher_tokens(toks):
+    from datasets_pipeline.alignment import tokenizer_decoder
+
+    teacher, student = toks
+    completion = "<think>12+34</think>46"
+    teacher_ids = teacher(completion, add_special_tokens=False)["input_ids"] + [teacher.eos_token_id]
+    ex = build_student_example(student, MSGS, completion, "46", teacher_ids, reasoning_policy="keep",
+                               max_len=512, aligned_vocab=False, teacher_decode=tokenizer_decoder(teacher))
+    target = ex.input_ids[ex.prompt_len:]
+    assert len(ex.teacher_align) == len(target)
+    assert ex.teacher_align[0] == 0 and ex.teacher_align[-1] == len(teacher_ids) - 1  # first token, eos
+    assert all(-1 <= j < len(teacher_ids) for j in ex.teacher_align)
+    # Aligned pairs start at the same character: their decoded prefixes are equal.
+    for i, j in enumerate(ex.teacher_align):
+        if j >= 0:
+            assert student.decode(target[:i], skip_special_tokens=True) == teacher.decode(teacher_ids[:j],
+                                                                                           skip_special_tokens=True)
+
+
+def test_no_alignment_without_teacher_decoder_or_with_stripped_reasoning(toks):
+    from datasets_pipeline.alignment import tokenizer_decoder
+
+    teacher, student = toks
+    ids = teacher("<think>12+34</think>46", add_special_tokens=False)["input_ids"]
+    plain = build_student_example(student, MSGS, "<think>12+34</think>46", "46", ids, reasoning_policy="keep",
+                                  max_len=512, aligned_vocab=False)
+    stripped = build_student_example(student, MSGS, "<think>12+34</think>46", "46", ids, reasoning_policy="strip",
+                                     max_len=512, aligned_vocab=False, teacher_decode=tokenizer_decoder(teacher))
+    assert plain.teacher_align == [] and stripped.teacher_align == []

@@ -31,6 +31,13 @@ def test_cross_stage_defaults_are_filled():
     assert cfg.serving.model.endswith("merged")
 
 
+def test_online_teacher_defaults_to_the_generation_teacher():
+    cfg = load_config(DEMO, ["distillation.loss.kind=feature"])
+    assert cfg.distillation.teacher.model == cfg.generation.teacher
+    assert cfg.distillation.online_teacher
+    assert not load_config(DEMO).distillation.online_teacher
+
+
 def test_overrides_parse_yaml_scalars():
     cfg = load_config(DEMO, ["distillation.optim.lr=1e-4", "distillation.lora.enabled=true",
                              "distillation.lora.target_modules=[q_proj, v_proj]", "cluster.address=null"])
@@ -61,6 +68,15 @@ def test_override_does_not_mutate_input():
         (["name=has space"], "name: String should match pattern"),
         (["name.x=1"], "'name' is a value, not a section"),
         (["nokey"], "expected PATH=VALUE"),
+        (["distillation.loss.schedule.stage1_steps=5"], "distillation.loss: schedule.stage1_steps needs kind 'feature'"),
+        (["distillation.loss.schedule.temperature_start=2"],
+         "distillation.loss.schedule: temperature_start and temperature_end go together"),
+        (["distillation.loss.kind=feature", "distillation.optim.packing=true"],
+         "distillation: optim.packing is not supported with an online teacher"),
+        (["distillation.teacher.offload=true"], "distillation.teacher: offload requires shard 'zero3'"),
+        (["distillation.loss.xtok.method=sorted"], "distillation.loss.xtok.method: Input should be 'vocab_map' or 'uld'"),
+        (["distillation.context_policy=cut"], "distillation.context_policy: Input should be 'truncate' or 'drop'"),
+        (["distillation.loss.feature.layer_map=[[1, 2, 3]]"], "distillation.loss.feature.layer_map.0"),
     ],
 )
 def test_bad_values_name_file_and_field(override, needle):

@@ -6,7 +6,7 @@ import pytest
 
 from rayjobs.config import ConfigError
 from rayjobs.curves import from_jsonl, render_png, steady_tokens_per_s, to_jsonl, write_curves
-from rayjobs.distill import check_supported, plan_steps, training_columns
+from rayjobs.distill import check_models, check_supported, context_limit, context_report, plan_steps, training_columns
 from rayjobs.distill_config import DistillationConfig, GateConfig
 from rayjobs.evaluate import answer_metrics, check_gate, token_f1
 
@@ -32,9 +32,26 @@ def test_plan_steps_needs_a_row_per_worker():
         plan_steps(1, _d().optim, 2)
 
 
-def test_feature_loss_is_refused_clearly():
-    with pytest.raises(ConfigError, match="feature.*not implemented"):
-        check_supported(_d(loss={"kind": "feature"}))
+def test_online_teacher_needs_no_stored_topk():
+    stats = {"train": 10, "val": 0, "with_teacher_topk": 0}
+    check_supported(_d(loss={"kind": "feature"}), stats)
+    check_supported(_d(loss={"kind": "logit"}, teacher={"source": "online"}), stats)
+
+
+def test_layer_map_is_checked_against_both_models():
+    d = _d(loss={"kind": "feature", "feature": {"layer_map": [[1, 2], [3, 4]]}})
+    with pytest.raises(ConfigError, match=r"distillation.loss.feature.layer_map: .*\[3, 4\] is outside"):
+        check_models(d, {"num_hidden_layers": 2}, {"num_hidden_layers": 4})
+    check_models(_d(loss={"kind": "feature"}), {"num_hidden_layers": 2}, {"num_hidden_layers": 4})
+
+
+def test_context_report_counts_by_policy():
+    stats = {"over_context": 3}
+    assert context_report(_d(), 128, stats) == {"limit": 128, "policy": "truncate", "over_limit": 3,
+                                                "truncated": 3, "dropped": 0}
+    assert context_report(_d(context_policy="drop"), 128, stats)["dropped"] == 3
+    assert context_limit(_d(max_seq_len=512), {"max_position_embeddings": 128}) == 128
+    assert context_limit(_d(max_seq_len=64), {"max_position_embeddings": 128}) == 64
 
 
 def test_fp16_needs_gpu():
@@ -55,6 +72,9 @@ def test_logit_loss_needs_teacher_topk():
 def test_training_columns_skip_teacher_for_data_loss():
     assert "topk_ids" not in training_columns(_d(loss={"kind": "data"}))
     assert "topk_ids" in training_columns(_d(loss={"kind": "logit"}))
+    assert "teacher_align" in training_columns(_d(loss={"kind": "logit"}))
+    online = training_columns(_d(loss={"kind": "feature"}))
+    assert "completion" in online and "messages" in online and "topk_ids" not in online
 
 
 def test_token_f1():

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from rayjobs.schedule import layer_id, lr_factor, make_lr_lambda, param_groups, warmup_steps
+from rayjobs.schedule import layer_id, loss_stage, lr_factor, make_lr_lambda, param_groups, temperature_at, warmup_steps
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
@@ -114,3 +114,16 @@ def test_param_groups_layerwise_decay():
 def test_param_groups_needs_trainable():
     with pytest.raises(ValueError, match="no trainable"):
         param_groups([("w", FakeParam(2, requires_grad=False))], 1.0, 0.0, 1)
+
+
+def test_temperature_ramps_linearly_from_start_to_end():
+    assert temperature_at(0, 11, 3.0, 1.0) == 3.0
+    assert temperature_at(5, 11, 3.0, 1.0) == pytest.approx(2.0)
+    assert temperature_at(10, 11, 3.0, 1.0) == 1.0
+    assert temperature_at(50, 11, 3.0, 1.0) == 1.0
+    assert temperature_at(0, 1, 3.0, 1.0) == 1.0
+
+
+def test_two_stages():
+    assert [loss_stage(s, 3) for s in range(5)] == [1, 1, 1, 2, 2]
+    assert loss_stage(0, 0) == 2

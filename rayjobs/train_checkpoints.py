@@ -1,0 +1,132 @@
+"""Checkpoints of the distillation train loop, and resuming from them.
+
+Checkpoints. Every ``checkpoint_every`` optimizer steps and once at the end, each rank writes its
+DeepSpeed shard (model, optimizer, LR scheduler, step counters) into a local directory and
+``ray.train.report`` merges all ranks' directories into one checkpoint under
+``<output>/checkpoints/<run name>/``. Rank 0 adds ``trainer_state.json`` (the step, the data
+position and the per-step curve rows so far) and, once every rank has uploaded, a ``COMMITTED``
+file. Resuming takes the newest of Ray Train's registered checkpoint and the committed ones (see
+``find_checkpoint``: the controller registers a report only when it next polls the worker).
+
+What "resume" means. A restarted worker group (``FailureConfig``) or a rerun with the same run name
+loads the latest checkpoint: weights, optimizer moments, LR schedule and step count are restored
+exactly. The data iterator cannot be restored mid-stream, so it is *replayed*: the worker restarts
+the epoch recorded in the checkpoint with the same shuffle seed (``seed + epoch``) and skips the
+micro-batches it had already consumed in that epoch. With one worker the stream order is
+deterministic (``preserve_order``), so the resumed run trains on exactly the batches the
+uninterrupted run would have. With several workers Ray Data may hand rows to a different rank after
+a restart: each rank still skips its count, so the number of samples seen is exact but which rank
+sees which sample may differ. Curve rows after the checkpoint that the failed attempt had produced
+are dropped with it, so the final curve has each step exactly once; ``attempt`` says which start
+produced a row. Replaying re-reads the skipped micro-batches, a cost that grows with the position
+in the epoch. Rerunning a finished run finds its final checkpoint: it trains nothing, and exports
+and evaluates again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+from cluster.storage import filesystem, join
+
+DS_TAG = "ds"
+STATE_FILE = "trainer_state.json"
+COMMIT_FILE = "COMMITTED"
+
+
+@dataclass
+class TrainerState:
+    """What rank 0 writes beside the DeepSpeed shards; every rank reads it back on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    tokens: int = 0
+    attempt: int = 0
+    restored_from: list[int] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+
+    def save(self, directory: str) -> None:
+        with open(os.path.join(directory, STATE_FILE), "w") as f:
+            json.dump(asdict(self), f)
+
+    @classmethod
+    def load(cls, directory: str) -> TrainerState:
+        with open(os.path.join(directory, STATE_FILE)) as f:
+            return cls(**json.load(f))
+
+
+class Checkpointer:
+    """Writes every rank's DeepSpeed shard plus rank 0's ``TrainerState`` as one Ray Train checkpoint."""
+
+    def __init__(self, engine, state: TrainerState, rank: int, world: int, run_dir: str):
+        self.engine, self.state, self.rank, self.world, self.run_dir = engine, state, rank, world, run_dir
+
+    def save(self, metrics: dict, name: str) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as d:
+            self.engine.save_checkpoint(d, tag=DS_TAG)
+            if self.rank == 0:
+                self.state.save(d)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+        # Every rank has uploaded its shard once all pass the barrier; only then is it committed.
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if self.rank == 0:
+            fs, path = filesystem(join(self.run_dir, name, COMMIT_FILE))
+            with fs.open_output_stream(path) as f:
+                f.write(json.dumps({"step": self.state.step}).encode())
+
+
+def _checkpoint_step(checkpoint) -> int:
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
+        return int(json.loads(f.read().decode())["step"])
+
+
+def find_checkpoint(run_dir: str):
+    """The newest checkpoint: Ray Train's registered one, or a newer committed one in ``run_dir``.
+
+    The Train controller registers a reported checkpoint when it next polls the worker (every
+    ~2 s); a worker that dies in between leaves a complete checkpoint the controller never saw,
+    and resuming from the one before would repeat a whole interval. The commit file, written
+    after every rank uploaded, marks such checkpoints as safe to resume from.
+    """
+    import ray.train
+    from pyarrow import fs as pafs
+
+    candidates = []
+    registered = ray.train.get_checkpoint()
+    if registered is not None:
+        candidates.append((_checkpoint_step(registered), 1, registered))
+    fs, root = filesystem(run_dir)
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory:
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{COMMIT_FILE}") as f:
+                step = int(json.loads(f.read().decode())["step"])
+        except (FileNotFoundError, OSError, ValueError, KeyError):
+            continue
+        candidates.append((step, 0, ray.train.Checkpoint(info.path, filesystem=fs)))
+    return max(candidates, key=lambda c: c[:2])[2] if candidates else None
+
+
+def restore(engine, state: TrainerState, run_dir: str) -> TrainerState:
+    checkpoint = find_checkpoint(run_dir)
+    if checkpoint is None:
+        return state
+    with checkpoint.as_directory() as d:
+        engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        restored = TrainerState.load(d)
+    if restored.step != engine.global_steps:
+        raise RuntimeError(f"checkpoint state step {restored.step} != DeepSpeed step {engine.global_steps}")
+    restored.attempt += 1
+    restored.restored_from.append(restored.step)
+    return restored

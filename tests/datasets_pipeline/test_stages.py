@@ -1,0 +1,56 @@
+"""StudentStage on a teacher with another tokenizer: the stored cross-tokenizer alignment."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from datasets_pipeline.stages import StudentStage, map_ids
+
+COMPLETION = "<think>\n7+5+0=12\n4+8+1=13\n</think>\n132"
+
+
+@pytest.fixture(scope="module")
+def tok_dirs(tmp_path_factory):
+    from rayjobs.demo.tokenizers import END_OF_TEXT, IM_END, IM_START, PAD, save_tokenizer, train_chat_tokenizer
+
+    convs = [[{"role": "user", "content": f"What is {a} + {b}?"},
+              {"role": "assistant", "content": f"<think>\n{a}+{b}\n</think>\n{a + b}"}] for a, b in [(47, 85), (3, 9)]]
+    root = tmp_path_factory.mktemp("toks")
+    teacher = train_chat_tokenizer(convs, vocab_size=120)
+    student = train_chat_tokenizer(convs, vocab_size=100, special_tokens=(END_OF_TEXT, PAD, IM_START, IM_END),
+                                   pad_token=PAD, pre_tokenizer="gpt2")
+    save_tokenizer(teacher, root / "teacher")
+    save_tokenizer(student, root / "student")
+    return str(root / "teacher"), str(root / "student"), teacher, student
+
+
+def test_map_ids_keeps_padding():
+    assert map_ids(np.array([5, 6, 7], np.int32), [2, -1, 0, 9]).tolist() == [7, -1, 5, -1]
+
+
+def test_cross_tokenizer_rows_carry_alignment_and_mapped_topk(tok_dirs):
+    teacher_dir, student_dir, teacher, student = tok_dirs
+    cfg = {"teacher": teacher_dir, "input": {"path": "x.jsonl"}, "output": "out",
+           "sampling": {"logprobs_topk": 2, "max_new_tokens": 64}}
+    stage = StudentStage(cfg, teacher_dir, student_dir)
+    assert not stage.aligned
+    tokens = teacher(COMPLETION, add_special_tokens=False)["input_ids"] + [teacher.eos_token_id]
+    topk = [[t, (t + 1) % len(teacher)] for t in tokens]
+    row = {"prompt_id": "p", "sample_id": "p/0", "sample_index": 0, "split": "train",
+           "messages": json.dumps([{"role": "user", "content": "What is 47 + 85?"}]), "reference": "132",
+           "generated_text": COMPLETION, "generated_tokens": np.asarray(tokens, np.int32),
+           "topk_ids": np.asarray(topk, np.int32).reshape(-1),
+           "topk_logprobs": np.asarray([[math.log(0.9), math.log(0.05)]] * len(tokens), np.float16).reshape(-1)}
+    out = stage(row)
+    assert out["status"] == "ok" and out["teacher_offset"] == -1
+    target = out["input_ids"][out["prompt_len"]:]
+    assert len(out["teacher_align"]) == len(target) and out["teacher_align"][-1] == len(tokens) - 1
+    mapped = np.asarray(out["topk_student_ids"]).reshape(-1, 2)
+    # Where a student token is aligned with a teacher token of the same text, the teacher's top-1
+    # (the token it generated) maps to exactly that student token.
+    same = [(i, j) for i, j in enumerate(out["teacher_align"])
+            if j >= 0 and student.decode([target[i]]) == teacher.decode([tokens[j]])]
+    assert len(same) >= len(target) // 2
+    assert all(mapped[j, 0] == target[i] for i, j in same)

@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
+# The whole loop on embedded local Ray: generate -> distill -> evaluate -> gate -> serve.
+# Serves until Ctrl-C; DEMO_EXIT=1 exits after the first query.
 demo: env
 	$(BIN)/raystill demo prepare
-	$(BIN)/raystill demo eval
+	$(BIN)/raystill run examples/configs/demo.yaml
 
 test: env
 	$(BIN)/python -m pytest -ra

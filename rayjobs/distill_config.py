@@ -48,7 +48,8 @@ class XtokConfig(_Strict):
     method: Literal["vocab_map", "uld"] = Field(
         "vocab_map", description="'vocab_map': teacher top-k mapped onto student ids at aligned positions; "
         "'uld': Universal Logit Distillation's sorted-probability L1 (no vocabulary relation needed).")
-    online_topk: int = Field(32, ge=1, description="Online teacher: top-k of its full distribution mapped per position.")
+    online_topk: int = Field(
+        32, ge=1, description="Online teacher: top-k of its full distribution mapped onto student ids per position.")
 
 
 class LossConfig(_Strict):
@@ -100,6 +101,12 @@ class LoraConfig(_Strict):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full beside the adapters, matched by name suffix (peft), e.g. ['norm'] "
+        "for every RMSNorm. A frozen base caps the logit scale through its norms and tied embeddings: "
+        "a student that starts untrained needs its norms trainable to become confident.",
+    )
 
 
 class OptimConfig(_Strict):

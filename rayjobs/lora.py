@@ -30,6 +30,7 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=target,
+        modules_to_save=list(cfg.modules_to_save) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -1,0 +1,37 @@
+"""LoRA wiring: which weights train, and that the export folds everything trained into the base."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rayjobs.distill_config import LoraConfig
+from rayjobs.lora import apply_lora, build_export_model
+
+
+def _tiny(tmp_path):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    return LlamaForCausalLM.from_pretrained(tmp_path)
+
+
+def test_modules_to_save_makes_every_norm_trainable(tmp_path):
+    model = apply_lora(_tiny(tmp_path), LoraConfig(enabled=True, r=4, modules_to_save=["norm"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    norms = [n for n in trainable if "norm" in n]
+    assert len(norms) == 3  # input, post-attention and final norm
+    assert not any("embed_tokens" in n for n in trainable)
+
+
+def test_export_keeps_trained_norms_and_adapters(tmp_path):
+    lora = LoraConfig(enabled=True, r=4, modules_to_save=["norm"])
+    model = apply_lora(_tiny(tmp_path), lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    x = torch.randint(0, 64, (1, 8))
+    expected = model(x).logits
+    merged = build_export_model(str(tmp_path), model.state_dict(), lora)
+    assert not any("lora" in n or "modules_to_save" in n for n in merged.state_dict())
+    torch.testing.assert_close(merged(x).logits, expected, rtol=1e-4, atol=1e-4)

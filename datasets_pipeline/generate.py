@@ -89,7 +89,7 @@ def _retry_requests(rows: list[dict], cfg: GenerationConfig, teacher: str):
 def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_path: str,
                    config_digest: str, log=print) -> dict:
     """Generate, preprocess and write shards; resume from committed shards. Returns the manifest."""
-    store = ShardStore(cfg.output)
+    store = ShardStore(cfg.output, config_digest)
     manifest = store.read_manifest()
     if manifest and manifest.get("complete") and manifest.get("config_digest") == config_digest:
         log(f"generation: {cfg.output} is complete for this config; skipping")

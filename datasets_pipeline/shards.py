@@ -10,6 +10,9 @@ Layout under the output location::
 A shard counts only once its progress file exists (written last). Files of a
 shard whose progress file is missing were cut off by an interruption and are
 overwritten by the next run, so a resumed run neither repeats nor misses rows.
+Each progress file names the config digest (generation config + record schema) it
+was written under: resuming under another digest would mix two datasets, so it is
+refused with ``ForeignOutput`` instead.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from cluster.storage import filesystem
 from datasets_pipeline import records as R
 
 
+class ForeignOutput(RuntimeError):
+    """The output location holds shards written under another config or record schema."""
+
+
 @dataclass
 class Progress:
     done: set[str] = field(default_factory=set)
@@ -35,8 +42,10 @@ class Progress:
 
 
 class ShardStore:
-    def __init__(self, location: str):
+    def __init__(self, location: str, config_digest: str | None = None):
+        """``config_digest``: set by the writer; progress from another digest is then refused."""
         self.location = location
+        self.config_digest = config_digest
         self.fs, self.root = filesystem(location)
 
     def _path(self, *parts: str) -> str:
@@ -56,6 +65,12 @@ class ShardStore:
         infos = self.fs.get_file_info(pafs.FileSelector(self._path("progress"), allow_not_found=True))
         for info in sorted(i.path for i in infos if i.path.endswith(".json")):
             entry = self._read_json(info)
+            if self.config_digest and entry.get("config_digest") != self.config_digest:
+                raise ForeignOutput(
+                    f"{self.location} holds shards of another generation config or record schema "
+                    f"(digest {entry.get('config_digest')}, this run {self.config_digest}); "
+                    "set generation.output to a new location or delete the old output"
+                )
             prog.done.update(entry["done"])
             prog.dedupe_keys.update(entry["dedupe_keys"])
             prog.counts.update(entry["counts"])
@@ -69,7 +84,8 @@ class ShardStore:
             self._write_table(f"samples/{name}.parquet", pa.Table.from_pylist(samples, schema=R.SAMPLE_SCHEMA))
         if rejects:
             self._write_table(f"rejects/{name}.parquet", pa.Table.from_pylist(rejects, schema=R.REJECT_SCHEMA))
-        entry = {"shard": shard, "done": done, "dedupe_keys": dedupe_keys, "counts": dict(counts)}
+        entry = {"shard": shard, "done": done, "dedupe_keys": dedupe_keys, "counts": dict(counts),
+                 "config_digest": self.config_digest}
         self._write_bytes(self._path("progress", f"{name}.json"), json.dumps(entry).encode())
 
     def _write_table(self, rel: str, table: pa.Table) -> None:

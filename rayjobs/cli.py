@@ -12,6 +12,7 @@ import sys
 
 import yaml
 
+from datasets_pipeline.shards import ForeignOutput
 from rayjobs.config import ConfigError, load_config
 
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, ForeignOutput) as e:
         print(f"error: {e}".replace("\n", "\nerror: "), file=sys.stderr)
         return 2
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from datasets_pipeline.shards import ForeignOutput
 from rayjobs.config import ConfigError, PipelineConfig, load_config
 
 
@@ -19,5 +20,9 @@ def run_job(description: str, job: Callable[[PipelineConfig], object], argv: lis
     except ConfigError as e:
         print(f"error: {e}".replace("\n", "\nerror: "), file=sys.stderr)
         return 2
-    job(cfg)
+    try:
+        job(cfg)
+    except ForeignOutput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -13,9 +13,15 @@ from rayjobs.refs import resolve_data, resolve_model
 
 
 def generation_digest(cfg: PipelineConfig) -> str:
-    """Generation outputs depend on the generation config only, not on later stages."""
-    blob = json.dumps(cfg.generation.model_dump(mode="json"), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """Generation outputs depend on the generation config and the record schema, not on later stages.
+
+    The schema is part of it so that output written by an older release (other columns) is
+    regenerated rather than handed to a trainer that expects the new columns.
+    """
+    from datasets_pipeline.records import SAMPLE_SCHEMA
+
+    blob = json.dumps(cfg.generation.model_dump(mode="json"), sort_keys=True) + SAMPLE_SCHEMA.to_string()
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def run(cfg: PipelineConfig, log=print) -> dict:

@@ -63,6 +63,10 @@ def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests):
         postprocess=partial(compact_engine_output, k=cfg.sampling.logprobs_topk),
     )
     cfg_json = cfg.model_dump(mode="json")
+    # An input file is read as one block, and the engine stage keeps a task's output in one block
+    # until the task ends: without this, no row would reach the driver (progress, shard commits)
+    # before the whole file was generated. Blocks of batch_size rows stream through one by one.
+    requests = requests.repartition(target_num_rows_per_block=cfg.engine.batch_size)
     return processor(requests).map(
         StudentStage,
         fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "student_path": student},

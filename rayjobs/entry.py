@@ -22,7 +22,7 @@ def run_job(description: str, job: Callable[[PipelineConfig], object], argv: lis
         return 2
     try:
         job(cfg)
-    except ForeignOutput as e:
+    except (ConfigError, ForeignOutput) as e:  # found once the data is read: still the user's to fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

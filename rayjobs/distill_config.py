@@ -103,9 +103,10 @@ class LoraConfig(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     modules_to_save: list[str] = Field(
         default_factory=list,
-        description="Modules trained in full beside the adapters, matched by name suffix (peft), e.g. ['norm'] "
-        "for every RMSNorm. A frozen base caps the logit scale through its norms and tied embeddings: "
-        "a student that starts untrained needs its norms trainable to become confident.",
+        description="Modules trained in full beside the adapters, matched by name suffix (peft), e.g. "
+        "['norm', 'embed_tokens'] for every RMSNorm and the (tied) embeddings, which stay tied to the head. "
+        "LoRA assumes a pretrained base: an untrained student's frozen random norms and embeddings cap "
+        "what the adapters can learn (the demo's LoRA run needs both).",
     )
 
 

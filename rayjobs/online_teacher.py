@@ -111,8 +111,8 @@ class OnlineCollate:
             teacher_mask[r, :len(ids)] = 1
             n = min(seq, len(row_align))
             align[r, :n] = row_align[:n]
-        out.update(teacher_input_ids=torch.from_numpy(teacher_ids), teacher_attention_mask=torch.from_numpy(teacher_mask),
-                   align_index=torch.from_numpy(align))
+        out.update(teacher_input_ids=torch.from_numpy(teacher_ids),
+                   teacher_attention_mask=torch.from_numpy(teacher_mask), align_index=torch.from_numpy(align))
         return out
 
 

@@ -8,6 +8,7 @@ completion in teacher tokens, its top-k comes from a real forward pass of the te
 * ``kind: feature`` with the online teacher: two stages (hidden states only, then CE + KD + hidden
   + attention), a temperature ramp; the merged model loads in transformers and holds no projection.
 * ``kind: logit`` from the stored top-k across tokenizers (``vocab_map``): KD is on.
+* ``kind: logit`` from the online teacher sharded with ZeRO-3 and offloaded.
 """
 
 from __future__ import annotations
@@ -150,6 +151,21 @@ def test_logit_distillation_from_stored_topk_across_tokenizers(tiny_world, xtok_
     assert state["rows"]["xtok"] == state["rows"]["with_teacher_topk"] == 48
     assert all(r["kd"] > 0 and math.isfinite(r["loss"]) for r in state["history"])
     assert state["final"]["val_kd"] > 0
+
+
+def test_online_logit_distillation_with_a_zero3_sharded_teacher(tiny_world, xtok_world, ray_local):
+    """The teacher under DeepSpeed ZeRO-3 (parameters offloaded to CPU) beside the student's ZeRO-2 engine."""
+    from rayjobs.config import load_config
+    from rayjobs.distill import train
+
+    path = write_config(tiny_world, xtok_world, "online-zero3", {
+        "loss": {"kind": "logit", "alpha": 0.5, "xtok": {"online_topk": 8}},
+        "teacher": {"source": "online", "shard": "zero3", "offload": True},
+        "optim": {"lr": 3e-3, "max_steps": 2, "micro_batch_size": 8},
+    })
+    state = train(load_config(path), log=lambda *_: None)
+    assert [r["step"] for r in state["history"]] == [1, 2]
+    assert all(r["kd"] > 0 and math.isfinite(r["loss"]) for r in state["history"])
 
 
 def test_context_policy_drop_filters_in_the_dataset(xtok_world, ray_local):

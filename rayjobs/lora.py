@@ -31,6 +31,8 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig):
         lora_dropout=cfg.dropout,
         target_modules=target,
         modules_to_save=list(cfg.modules_to_save) or None,
+        # A trained copy of tied input embeddings must stay tied to the output head.
+        ensure_weight_tying=any("embed" in m or "lm_head" in m for m in cfg.modules_to_save),
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -1,5 +1,6 @@
 """LoRA wiring: which weights train, and that the export folds everything trained into the base."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -23,8 +24,9 @@ def test_modules_to_save_makes_every_norm_trainable(tmp_path):
     assert not any("embed_tokens" in n for n in trainable)
 
 
-def test_export_keeps_trained_norms_and_adapters(tmp_path):
-    lora = LoraConfig(enabled=True, r=4, modules_to_save=["norm"])
+@pytest.mark.parametrize("saved", [["norm"], ["norm", "embed_tokens"]])
+def test_export_keeps_trained_modules_and_adapters(tmp_path, saved):
+    lora = LoraConfig(enabled=True, r=4, modules_to_save=saved)
     model = apply_lora(_tiny(tmp_path), lora)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -35,3 +37,10 @@ def test_export_keeps_trained_norms_and_adapters(tmp_path):
     merged = build_export_model(str(tmp_path), model.state_dict(), lora)
     assert not any("lora" in n or "modules_to_save" in n for n in merged.state_dict())
     torch.testing.assert_close(merged(x).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_trained_embeddings_stay_tied_to_the_head(tmp_path):
+    model = apply_lora(_tiny(tmp_path), LoraConfig(enabled=True, r=4, modules_to_save=["embed_tokens"]))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(1.0)
+    assert torch.equal(model.get_input_embeddings().weight, model.get_output_embeddings().weight)

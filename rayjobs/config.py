@@ -54,10 +54,18 @@ class PipelineConfig(BaseModel):
     def run_dir(self) -> str:
         return join(self.runs_root, self.name)
 
-    def digest(self) -> str:
-        """Short hash of the resolved config, recorded in manifests to tie outputs to inputs."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+    def digest(self, exclude: tuple[str, ...] = ()) -> str:
+        """Short hash of the resolved config, recorded in manifests to tie outputs to inputs.
+
+        ``exclude``: top-level sections the output does not depend on (a trained student does not
+        depend on how it is served), so changing them does not redo the stage.
+        """
+        blob = json.dumps(self.model_dump(mode="json", exclude=set(exclude)), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# What a distillation run's output depends on: everything but serving.
+DISTILL_DIGEST_EXCLUDE = ("serving",)
 
 
 class ConfigError(Exception):

@@ -25,7 +25,7 @@ from cluster.connect import ray_init
 from cluster.storage import filesystem, is_s3, join, write_bytes
 from rayjobs.collate import BASE_COLUMNS, TEACHER_COLUMNS
 from rayjobs.online_teacher import ONLINE_COLUMNS
-from rayjobs.config import ConfigError, PipelineConfig
+from rayjobs.config import DISTILL_DIGEST_EXCLUDE, ConfigError, PipelineConfig
 from rayjobs.distill_config import DistillationConfig, OptimConfig
 from rayjobs.entry import run_job
 from rayjobs.refs import resolve_data
@@ -328,7 +328,7 @@ def run(cfg: PipelineConfig, log=print) -> dict:
     final = state["final"]
     summary = {
         "run": cfg.name,
-        "config_digest": cfg.digest(),
+        "config_digest": cfg.digest(exclude=DISTILL_DIGEST_EXCLUDE),
         "steps": state["step"],
         "total_steps": state["total_steps"],
         "epochs_completed": state["epoch"],

@@ -13,7 +13,7 @@ import sys
 import time
 
 from cluster.storage import join, read_bytes
-from rayjobs.config import PipelineConfig
+from rayjobs.config import DISTILL_DIGEST_EXCLUDE, PipelineConfig
 from rayjobs.entry import run_job
 from rayjobs.refs import resolve_model
 
@@ -32,7 +32,7 @@ def _reuse_distillation(cfg: PipelineConfig) -> dict | None:
     if not data:
         return None
     summary = json.loads(data)
-    return summary if summary.get("config_digest") == cfg.digest() else None
+    return summary if summary.get("config_digest") == cfg.digest(exclude=DISTILL_DIGEST_EXCLUDE) else None
 
 
 def query_endpoint(url: str, model: str, messages: list[dict], api_key: str | None) -> dict:

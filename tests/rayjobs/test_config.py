@@ -113,6 +113,14 @@ def test_digest_changes_with_config():
     assert load_config(DEMO).digest() != load_config(DEMO, ["distillation.seed=1"]).digest()
 
 
+def test_distillation_digest_ignores_serving():
+    from rayjobs.config import DISTILL_DIGEST_EXCLUDE
+
+    base, served = load_config(DEMO), load_config(DEMO, ["serving.port=9000"])
+    assert base.digest() != served.digest()
+    assert base.digest(exclude=DISTILL_DIGEST_EXCLUDE) == served.digest(exclude=DISTILL_DIGEST_EXCLUDE)
+
+
 def test_cli_validate_ok_and_broken(tmp_path, capsys):
     assert main(["config", "validate", str(DEMO)]) == 0
     assert "OK" in capsys.readouterr().out

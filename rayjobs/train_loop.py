@@ -199,6 +199,14 @@ class _StepMeter:
                 "tokens": int(tokens), "step_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0}
 
 
+def _progress(row: dict, total_steps: int) -> None:
+    """About twenty lines per run on the driver's console (Ray forwards worker stdout)."""
+    step = row["step"]
+    if step == 1 or step == total_steps or step % max(1, total_steps // 20) == 0:
+        print(f"distill: step {step}/{total_steps} epoch {row['epoch']} loss {row['loss']:.4f} "
+              f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tokens/s", flush=True)
+
+
 @dataclass
 class _Worker:
     """One rank's training: built by ``train_loop_per_worker``, then ``train()`` and ``finish()``."""
@@ -249,6 +257,7 @@ class _Worker:
                 state.tokens += row["tokens"]
                 if self.rank == 0:
                     state.history.append(row)
+                    _progress(row, total_steps)
                 if state.step % cfg.checkpoint_every == 0 and state.step < total_steps:
                     self.checkpointer.save({"step": state.step, "loss": row["loss"]}, f"step_{state.step:08d}")
                 _crash_hook(self.config, state.step, self.rank)

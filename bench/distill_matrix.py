@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "examples/configs/demo.yaml"
 OUT = "runs/matrix"
 LORA = ["distillation.lora.enabled=true", "distillation.lora.r=32", "distillation.lora.alpha=64",
-        "distillation.lora.modules_to_save=[norm,embed_tokens]", "distillation.optim.lr=1e-2"]
+        "distillation.lora.modules_to_save=[norm,embed_tokens]", "distillation.optim.lr=1e-3"]
 VARIANTS = {
     "full-z2": ["distillation.deepspeed.zero_stage=2"],
     "full-z3": ["distillation.deepspeed.zero_stage=3"],

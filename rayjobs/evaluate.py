@@ -179,7 +179,9 @@ def evaluate_model(
     report.update(answer_metrics(completions, [r["reference"] for r in records], [r["answer"] for r in records],
                                  checker))
     report.update(
-        perplexity=_perplexity(model, tokenizer, records, batch_size, max_seq_len),
+        # Never past the model's own positions (distillation.context_policy truncates training alike).
+        perplexity=_perplexity(model, tokenizer, records, batch_size,
+                               min(max_seq_len, getattr(model.config, "max_position_embeddings", max_seq_len))),
         generated_tokens=generated,
         generation_s=seconds,
         tokens_per_s=generated / seconds if seconds > 0 else None,

@@ -16,13 +16,8 @@ def run_job(description: str, job: Callable[[PipelineConfig], object], argv: lis
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        job(load_config(args.config, args.overrides))
+    except (ConfigError, ForeignOutput) as e:  # in the file, or found once the data is read: the user's to fix
         print(f"error: {e}".replace("\n", "\nerror: "), file=sys.stderr)
-        return 2
-    try:
-        job(cfg)
-    except (ConfigError, ForeignOutput) as e:  # found once the data is read: still the user's to fix
-        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

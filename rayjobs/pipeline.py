@@ -70,11 +70,8 @@ def run(cfg: PipelineConfig, log=print, serve: bool = True, block: bool = False)
     from rayjobs.evaluate import load_eval_records
     from rayjobs.report import summary_table, write_report
 
-    import ray
-
-    if serve and not ray.is_initialized() and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
-        # The local Ray started by the first stage is the one that serves: give it serving's environment.
-        os.environ.update(serving.local_ray_env())
+    if serve:
+        serving.prepare_local_ray(cfg)  # the local Ray the first stage starts is the one that serves
     t0 = _stage("1/4 generate (teacher via ray.data.llm + vLLM)", log)
     manifest = generate.run(cfg, log)
 

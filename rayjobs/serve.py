@@ -76,17 +76,25 @@ def local_ray_env() -> dict[str, str]:
     }
 
 
+def prepare_local_ray(cfg: PipelineConfig) -> None:
+    """Give the local Ray this process is about to start serving's environment (no-op otherwise).
+
+    Must run before the first ``ray_init``: the variables are read by the Ray processes it starts.
+    """
+    import ray
+
+    if not ray.is_initialized() and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        os.environ.update(local_ray_env())
+
+
 def base_url(cfg: PipelineConfig) -> str:
     host = "127.0.0.1" if cfg.serving.host in ("0.0.0.0", "::") else cfg.serving.host
     return f"http://{host}:{cfg.serving.port}/v1"
 
 
 def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
-    import ray
-
     serving = cfg.serving
-    if not ray.is_initialized() and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
-        os.environ.update(local_ray_env())  # read by the Ray processes started next
+    prepare_local_ray(cfg)
     ray_init(cfg.cluster)
 
     from ray import serve

@@ -67,8 +67,9 @@ def filesystem(location: str):
 def localize(location: str, cache_root: str | None = None) -> str:
     """A local directory holding ``location``'s files, downloading s3:// once into a cache.
 
-    Tokenizers and transformers load from local paths only; the cache key is the URI,
-    so every actor on a node reuses one copy.
+    Tokenizers and transformers load from local paths only; every actor on a node reuses one
+    copy. The cache key is the URI plus the listing (names, sizes, modification times): objects
+    replaced at the same URI are fetched again instead of being served stale from the cache.
     """
     if not is_s3(location):
         return location
@@ -76,11 +77,13 @@ def localize(location: str, cache_root: str | None = None) -> str:
 
     from pyarrow import fs as pafs
 
+    src_fs, src = filesystem(location)
+    listing = sorted((i.path, i.size, i.mtime_ns) for i in src_fs.get_file_info(pafs.FileSelector(src, recursive=True))
+                     if i.type == pafs.FileType.File)
     root = cache_root or os.path.join(os.environ.get("RAYSTILL_CACHE", os.path.expanduser("~/.cache/raystill")), "s3")
-    dest = os.path.join(root, hashlib.sha256(location.encode()).hexdigest()[:16])
+    dest = os.path.join(root, hashlib.sha256(repr((location, listing)).encode()).hexdigest()[:16])
     marker = os.path.join(dest, ".complete")
     if not os.path.exists(marker):
-        src_fs, src = filesystem(location)
         tmp = f"{dest}.tmp{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)  # pyarrow does not create it for a folder without subfolders
         pafs.copy_files(src, tmp, source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())

@@ -24,3 +24,19 @@ def test_s3_filesystem_uses_endpoint_env(monkeypatch):
     fs, path = filesystem("s3://bucket/key")
     assert path == "bucket/key"
     assert type(fs).__name__ == "S3FileSystem"
+
+
+@pytest.mark.slow
+def test_localize_refetches_objects_replaced_at_the_same_uri(s3_server, tmp_path):
+    from pathlib import Path
+
+    from cluster.storage import localize
+
+    s3_server.create_bucket(Bucket="localize")
+    s3_server.put_object(Bucket="localize", Key="model/weights.bin", Body=b"old")
+    first = Path(localize("s3://localize/model", cache_root=str(tmp_path)))
+    assert (first / "weights.bin").read_bytes() == b"old"
+    assert localize("s3://localize/model", cache_root=str(tmp_path)) == str(first)  # unchanged: cached
+    s3_server.put_object(Bucket="localize", Key="model/weights.bin", Body=b"newer")
+    second = Path(localize("s3://localize/model", cache_root=str(tmp_path)))
+    assert (second / "weights.bin").read_bytes() == b"newer"

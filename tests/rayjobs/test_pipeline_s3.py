@@ -83,11 +83,13 @@ def s3_run(tiny_world, s3_server, tmp_path_factory):
     path = tmp / "s3.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = tmp / "pipeline.log"
+    # The job starts its own Ray and picks its own Serve/HAProxy settings, as a user's would; the
+    # serving tests' settings (set at collection, fixed HAProxy ports) must not leak into it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")} | {"RAY_ADDRESS": ""}
     # Output to a file: an unread pipe fills up with vLLM's logs and blocks the job.
     with log.open("wb") as out:
         proc = subprocess.run([sys.executable, "-m", "rayjobs.pipeline", "--config", str(path)], cwd=ROOT,
-                              env={**os.environ, "RAY_ADDRESS": ""}, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=1100)
+                              env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1100)
     return proc.returncode, log.read_text(errors="replace"), s3_server
 
 

@@ -117,7 +117,14 @@ def vocab_map(teacher_keys: Sequence[object], student_keys: Sequence[object],
 
 
 def tokenizer_decoder(tokenizer) -> Callable[[Sequence[int]], str]:
-    """An HF tokenizer's ``decode`` as ``alignment`` uses it: special tokens skipped, no cleanup."""
+    """An HF tokenizer's ``decode`` as ``alignment`` uses it: special tokens skipped, no cleanup.
+
+    A fast tokenizer's Rust backend is called directly: ``decoded_starts`` decodes ~4 windows per
+    token, and the Python wrapper's argument conversion was 3/4 of the cost (1.7 ms per sample).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return lambda ids: backend.decode([int(i) for i in ids], skip_special_tokens=True)
     return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 

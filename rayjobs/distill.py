@@ -123,18 +123,18 @@ def build_datasets(data: str, columns: list[str], stats: dict[str, int], drop_ov
 
     ``drop_over``: leave out rows with more student tokens than this (``context_policy: drop``).
     """
-    import ray.data
     from ray.data.expressions import col
 
     from datasets_pipeline.shards import ShardStore
+    from datasets_pipeline.sources import read_parquet
 
     store = ShardStore(data)
     files = store.sample_files()
     out = {}
     for split in ("train", "val"):
         if stats.get(split):
-            # Ray Data pushes the projection and the predicate down into the Parquet read.
-            ds = ray.data.read_parquet(files, filesystem=store.fs).select_columns([*columns, "split"])
+            # The column projection is pushed down into the Parquet read.
+            ds = read_parquet(files, filesystem=store.fs).select_columns([*columns, "split"])
             keep = col("split") == split
             if drop_over is not None:
                 keep = keep & (col("input_ids").list.len() <= drop_over)

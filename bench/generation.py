@@ -7,7 +7,8 @@ Prints the side-by-side numbers and ends with one JSON line:
   peak_rss_10x_over_1x             peak RSS of the whole process tree at 10x rows / at 1x rows
 
 Each measurement runs in its own subprocess (own Ray, own engine) so peak memory and
-start-up are comparable. Usage: python bench/generation.py [--prompts 2048] [--k 20]
+start-up are comparable; both arms' clocks start before they import vLLM / our pipeline and
+read the prompts. Usage: python bench/generation.py [--prompts 2048] [--k 20]
 """
 
 from __future__ import annotations
@@ -66,13 +67,15 @@ def _child(mode: str, args: list[str]) -> tuple[dict, int]:
 
 
 def run_direct(teacher: str, prompts: Path, k: int, max_new: int) -> dict:
+    # Both arms are timed from the same point: before importing their engine and reading the
+    # prompts (the pipeline arm imports and renders inside its timed run, so direct does too).
+    start = time.perf_counter()
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     tok = AutoTokenizer.from_pretrained(teacher)
     rows = [json.loads(x) for x in prompts.read_text().splitlines()]
     texts = [tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) for r in rows]
-    start = time.perf_counter()
     llm = LLM(model=teacher, gpu_memory_utilization=0.15, enforce_eager=True, max_model_len=256,
               max_num_seqs=256, max_logprobs=max(20, k))
     outs = llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=max_new, logprobs=k or None))
@@ -82,6 +85,7 @@ def run_direct(teacher: str, prompts: Path, k: int, max_new: int) -> dict:
 
 
 def run_pipeline(teacher: str, student: str, prompts: Path, out: Path, k: int, max_new: int) -> dict:
+    start = time.perf_counter()
     from rayjobs import generate
     from rayjobs.config import PipelineConfig
 
@@ -95,7 +99,6 @@ def run_pipeline(teacher: str, student: str, prompts: Path, out: Path, k: int, m
         },
         "distillation": {"student": student, "output": str(out / "distill"), "max_seq_len": 256},
     })
-    start = time.perf_counter()
     manifest = generate.run(cfg, log=lambda *a: None)
     wall = time.perf_counter() - start
     tokens = manifest["generated_tokens"]

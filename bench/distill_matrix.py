@@ -31,8 +31,9 @@ VARIANTS = {
 }
 
 
-def _job(module: str, overrides: list[str], log: Path) -> float:
-    args = [sys.executable, "-m", module, "--config", CONFIG]
+def run_job(module: str, overrides: list[str], log: Path, config: str = CONFIG) -> float:
+    """``python -m module --config config --set ...`` in its own process and local Ray; wall seconds."""
+    args = [sys.executable, "-m", module, "--config", config]
     for o in overrides:
         args += ["--set", o]
     start = time.perf_counter()
@@ -61,14 +62,14 @@ def main() -> None:
     logs = ROOT / OUT / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     common = [f"distillation.optim.epochs={args.epochs}"] if args.epochs else []
-    gen_s = _job("rayjobs.generate", common, logs / "generate.log")
+    gen_s = run_job("rayjobs.generate", common, logs / "generate.log")
     print(f"generation ready ({gen_s / 60:.1f} min, skipped when complete)")
     teacher = _teacher_em(common)
     figures: dict[str, float] = {"teacher_em": teacher}
     print(f"teacher EM {teacher:.3f}")
     for name in args.only.split(","):
         out = f"{OUT}/{name}"
-        wall = _job("rayjobs.distill", [*common, *VARIANTS[name], f"distillation.output={out}"], logs / f"{name}.log")
+        wall = run_job("rayjobs.distill", [*common, *VARIANTS[name], f"distillation.output={out}"], logs / f"{name}.log")
         summary = json.loads((ROOT / out / "summary.json").read_text())
         em = summary["eval"]["em"]
         figures[f"{name}_em_over_teacher"] = round(em / teacher, 3) if teacher else 0.0

@@ -113,6 +113,14 @@ def test_samples_follow_the_record_schema(local_run):
     assert manifest["topk_bytes_per_token"] <= 8 * 4 + 16
 
 
+def test_rows_are_written_in_input_order(local_run):
+    # Input ids train-000000.. are in file order: a rerun writes the same rows in the same order,
+    # so a distillation over them can be reproduced.
+    _, _, store, _ = local_run
+    ids = store.read_samples(columns=["sample_id"]).column("sample_id").to_pylist()
+    assert len(ids) >= 8 and ids == sorted(ids)
+
+
 def test_split_is_by_prompt(local_run):
     table = local_run[2].read_samples(columns=["prompt_id", "split"])
     by_prompt = {}

@@ -43,11 +43,11 @@ def decoded_starts(decode: Callable[[Sequence[int]], str], ids: Sequence[int],
                    window: int = DECODE_WINDOW) -> tuple[list[int], int]:
     """``(starts, length)``: each token's start in ``decode(ids)`` characters, and the text length.
 
-    ``decode`` maps a list of ids to text (special tokens skipped). Each token's length is the
-    growth of the decoded text of the ``window`` tokens before it when it is appended.
+    ``decode`` maps a list of Python ints to text (special tokens skipped). Each token's length is
+    the growth of the decoded text of the ``window`` tokens before it when it is appended.
     """
     starts, length = [], 0
-    ids = list(ids)
+    ids = [int(i) for i in ids]  # once here, not in each of the ~2 decodes per token
     for j in range(len(ids)):
         lo = max(0, j - window)
         before = len(decode(ids[lo:j])) if j > lo else 0
@@ -124,7 +124,7 @@ def tokenizer_decoder(tokenizer) -> Callable[[Sequence[int]], str]:
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return lambda ids: backend.decode([int(i) for i in ids], skip_special_tokens=True)
+        return lambda ids: backend.decode(list(ids), skip_special_tokens=True)
     return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 

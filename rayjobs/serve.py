@@ -18,23 +18,17 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
 
 from cluster.connect import ray_init
+from cluster.ports import free_port
 from cluster.kuberay import APP_NAME  # one application name, locally and in the RayService
 from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def haproxy_available() -> bool:
@@ -68,8 +62,8 @@ def local_ray_env() -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(state, "metrics.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(state, "server-state"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         # A stopping replica keeps serving this long so a remote load balancer can drop it
         # first (default 30 s); the local HAProxy is reconfigured in about a second.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",

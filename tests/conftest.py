@@ -6,7 +6,6 @@ starts, so Ray workers inherit them exactly as they would on a cluster.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from cluster.ports import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-S3_PORT = _free_port()
+S3_PORT = free_port()
 os.environ.update({
     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
     "AWS_ACCESS_KEY_ID": "testing",

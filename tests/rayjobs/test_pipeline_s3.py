@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.ports import free_port
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "raystill-pipeline"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _upload_dir(client, local: Path, prefix: str) -> None:
@@ -74,7 +69,7 @@ def s3_run(tiny_world, s3_server, tmp_path_factory):
             "eval": {"limit": 8, "max_new_tokens": 24},
         },
         "serving": {
-            "port": _free_port(),
+            "port": free_port(),
             "max_model_len": 128,
             "autoscaling": {"min_replicas": 1, "max_replicas": 1},
             "request_log": {"enabled": True, "path": f"{s3}/request-log", "batch_rows": 1, "flush_interval_s": 1},

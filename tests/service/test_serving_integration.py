@@ -16,6 +16,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from cluster.ports import free_port
 from datasets_pipeline.config import InputConfig
 from datasets_pipeline.prompts import to_prompt
 from rayjobs.serve import APP_NAME, local_ray_env
@@ -33,14 +34,6 @@ AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 
                "max_queued_requests": 8, "upscale_delay_s": 2, "downscale_delay_s": 5, "look_back_period_s": 2}
 LIMITS = {"max_tokens": 64, "max_prompt_chars": 2000, "max_body_bytes": 16384}
 Q = [{"role": "user", "content": "What is 12 + 34?"}]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _adapter(student: str, out: str) -> str:
@@ -84,7 +77,7 @@ def app(tiny_world, ray_local, s3_server, tmp_path_factory):
                        "output": str(tmp / "gen")},
         "distillation": {"student": str(tiny_world.student), "output": str(tmp / "distill")},
         "serving": {
-            "model": str(tiny_world.student), "port": _free_port(), "memory_utilization": 0.05,
+            "model": str(tiny_world.student), "port": free_port(), "memory_utilization": 0.05,
             "api_key_file": str(tmp / "api-key"), "api_key_env": None,
             "adapters": adapters,
             "limits": LIMITS, "autoscaling": AUTOSCALING,

@@ -2,8 +2,9 @@
 
 Samples of one prompt arrive out of order from the engine pool. A prompt is
 *complete* once all its ``n`` samples have arrived (kept or filtered); only then
-is rejection sampling applied and the prompt written, so an interrupted run never
-leaves a half-written prompt behind and a resumed run regenerates whole prompts.
+is rejection sampling applied (to ``train`` prompts only) and the prompt written,
+so an interrupted run never leaves a half-written prompt behind and a resumed run
+regenerates whole prompts.
 Pure bookkeeping: no Ray, no I/O.
 """
 
@@ -70,8 +71,12 @@ class Assembler:
                 out.rejects.append(reject(row["sample_id"], row.get("stage", "filter"), row["status"], row.get("detail")))
             else:
                 ok.append(row)
-        for row, reason in self._apply_keep(ok):
-            out.rejects.append(reject(row["sample_id"], "filter", reason))
+        # Rejection sampling picks training targets; the val split is what the student is scored on,
+        # so it keeps the teacher's samples right or wrong: held-out EM then covers every val prompt
+        # (not only those the teacher solved) and teacher agreement sees the teacher's real answers.
+        if not ok or ok[0]["split"] != "val":
+            for row, reason in self._apply_keep(ok):
+                out.rejects.append(reject(row["sample_id"], "filter", reason))
         for row in ok:
             if row.get("_dropped"):
                 continue

@@ -65,7 +65,11 @@ class EngineConfig(_Strict):
 class PreprocessConfig(_Strict):
     reasoning: Literal["keep", "strip"] = Field("keep", description="Keep the <think> trace in the training target or strip it.")
     checker: str = Field("numeric", description="Answer checker name: 'exact' or 'numeric'.")
-    keep: Literal["all", "verified", "best_of_n"] = Field("verified", description="Rejection sampling policy.")
+    keep: Literal["all", "verified", "best_of_n"] = Field(
+        "verified",
+        description="Rejection sampling policy for the train split; val prompts keep every sample, right or "
+                    "wrong, so held-out EM and teacher agreement cover all of them.",
+    )
     drop_truncated: bool = True
     dedupe: bool = True
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)

@@ -1,8 +1,9 @@
 """Held-out evaluation of the merged student, and the gate that decides whether it ships.
 
-Data: the generated shards' ``val`` split (first sample of each prompt, up to ``limit``). Each row
-has the prompt, the reference answer (when the source had one), the teacher's answer and the
-teacher's tokens in the student's vocabulary, which gives four measures:
+Data: the generated shards' ``val`` split (first sample of each prompt, up to ``limit``). Val prompts
+are not rejection-sampled, so the teacher's wrong answers are there too. Each row has the prompt,
+the reference answer (when the source had one), the teacher's answer and the teacher's tokens in
+the student's vocabulary, which gives four measures:
 
 * ``em``: the student's final answer (after the think block) checked against the reference with
   the generation stage's checker; ``token_f1``: SQuAD-style token F1 of the normalized answers.

@@ -6,10 +6,10 @@ from datasets_pipeline.assemble import Assembler
 MSG = json.dumps([{"role": "user", "content": "q"}])
 
 
-def row(pid, i, status="ok", verified=True, completion=None, ntok=3):
+def row(pid, i, status="ok", verified=True, completion=None, ntok=3, split="train"):
     r = {c: None for c in R.SAMPLE_COLUMNS}
     r.update(prompt_id=pid, sample_id=f"{pid}/{i}", sample_index=i, status=status, verified=verified,
-             messages=MSG, completion=completion or f"c{i}", teacher_token_ids=[1] * ntok)
+             messages=MSG, completion=completion or f"c{i}", teacher_token_ids=[1] * ntok, split=split)
     return r
 
 
@@ -35,6 +35,21 @@ def test_verified_policy_drops_wrong_answers_keeps_unknown():
     done = a.add(row("p", 2, verified=True))
     assert sorted(s["sample_index"] for s in done.samples) == [1, 2]
     assert [r["reason"] for r in done.rejects] == [R.UNVERIFIED]
+
+
+def test_val_prompts_keep_every_sample_under_any_policy():
+    for keep in ("verified", "best_of_n"):
+        a = Assembler(n=2, keep=keep, dedupe=True)
+        a.add(row("v", 0, verified=False, split="val"))
+        done = a.add(row("v", 1, verified=True, split="val", ntok=9))
+        assert [s["sample_index"] for s in done.samples] == [0, 1] and done.rejects == []
+
+
+def test_other_filters_still_apply_to_val():
+    a = Assembler(n=2, keep="verified", dedupe=True)
+    a.add(row("v", 0, status=R.TRUNCATED, split="val"))
+    done = a.add(row("v", 1, verified=False, split="val"))
+    assert [s["sample_index"] for s in done.samples] == [1] and [r["reason"] for r in done.rejects] == [R.TRUNCATED]
 
 
 def test_best_of_n_picks_shortest_verified():

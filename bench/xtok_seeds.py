@@ -6,8 +6,8 @@ differ only in ``distillation.loss``; same shards, same 400 steps) once per ``di
 Ray. At 400 steps this student is in the middle of a sharp jump in EM, and the data order alone
 moves one run's EM between 0.3 and 1.0, so a single pair says little; this compares them seed by
 seed. Ends with one JSON line: ``logit_mean_em``, ``data_mean_em``, ``logit_minus_data_mean_em``,
-``logit_wins``, ``ties``, ``data_wins`` (held-out EM, 196 prompts), and both arms' mean teacher agreement
-(equal to EM with the committed teacher, which is right on all of them).
+``logit_wins``, ``ties``, ``data_wins`` (held-out EM on the val prompts), and both arms' mean teacher
+agreement.
 Usage: python bench/xtok_seeds.py [--seeds 10] [--out runs/xtok-seeds] [--set KEY=VALUE ...]
 (``--set`` applies to both arms and the generation, e.g. another teacher and its output directory.)
 """

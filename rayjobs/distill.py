@@ -29,6 +29,7 @@ from rayjobs.config import DISTILL_DIGEST_EXCLUDE, ConfigError, PipelineConfig
 from rayjobs.distill_config import DistillationConfig, OptimConfig
 from rayjobs.entry import run_job
 from rayjobs.refs import resolve_data
+from rayjobs.train_checkpoints import check_layout, checkpoint_layout
 
 CRASH_ENV = "RAYSTILL_TEST_CRASH_AT_STEP"
 
@@ -219,6 +220,7 @@ def train(cfg: PipelineConfig, log=print) -> dict:
         log(f"distill: warning: only {stats['with_teacher_topk']} of {stats['train'] + stats['val']} rows carry "
             "aligned teacher top-k; the others train on cross-entropy alone")
     storage = join(_abs(d.output), "checkpoints")
+    check_layout(join(storage, cfg.name), checkpoint_layout(d), cfg.name)
     resources = {"CPU": d.scaling.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -30,11 +30,69 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-from cluster.storage import filesystem, join
+from cluster.storage import filesystem, join, read_bytes, write_bytes
+from rayjobs.config import ConfigError
 
 DS_TAG = "ds"
 STATE_FILE = "trainer_state.json"
 COMMIT_FILE = "COMMITTED"
+LAYOUT_FILE = "checkpoint_layout.json"
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    from pyarrow import fs as pafs
+
+    fs, root = filesystem(run_dir)
+    return any(
+        fs.get_file_info(f"{info.path}/{STATE_FILE}").type == pafs.FileType.File
+        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        if info.type == pafs.FileType.Directory
+    )
+
+
+def checkpoint_layout(d) -> dict:
+    """The settings a DeepSpeed checkpoint's shapes and sharding depend on (``d``: DistillationConfig).
+
+    Anything else (learning rate, steps, loss weights, data) may change between a run and its
+    resume; a change here makes ``load_checkpoint`` fail deep inside DeepSpeed on mismatched keys,
+    sizes or partition counts.
+    """
+    return {
+        "student": d.student,
+        "lora": d.lora.model_dump(mode="json") if d.lora.enabled else None,
+        # Feature distillation adds trained projections to the checkpointed module.
+        "feature": d.loss.feature.model_dump(mode="json") if d.loss.kind == "feature" else None,
+        "zero_stage": d.deepspeed.zero_stage,
+        "precision": d.deepspeed.precision,
+        "num_workers": d.scaling.num_workers,
+    }
+
+
+def layout_changes(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every setting that differs."""
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)]
+
+
+def check_layout(run_dir: str, layout: dict, run_name: str) -> None:
+    """Refuse to resume checkpoints written for another layout; record the layout of a new run.
+
+    Called by the driver before any worker starts, so a changed model fails in a second with the
+    settings named, not after a worker group start in DeepSpeed's state-dict loader.
+    """
+    location = join(run_dir, LAYOUT_FILE)
+    raw = read_bytes(location)
+    changes = layout_changes(json.loads(raw.decode()), layout) if raw is not None else []
+    if changes and _has_checkpoints(run_dir):
+        raise ConfigError(
+            f"run '{run_name}' has checkpoints in {run_dir} written with other settings, and resuming "
+            f"would load them: {'; '.join(changes)}. Give this run another name (--set name=...) or "
+            f"another distillation.output, or delete {run_dir} to start over."
+        )
+    # A new run, or an earlier start that never checkpointed. Checkpoints without a layout file come
+    # from a version that did not write one: their layout is unknown, so none is claimed for them.
+    if (raw is None or changes) and not (raw is None and _has_checkpoints(run_dir)):
+        write_bytes(location, json.dumps(layout, sort_keys=True).encode())
 
 
 @dataclass
@@ -123,7 +181,14 @@ def restore(engine, state: TrainerState, run_dir: str) -> TrainerState:
     if checkpoint is None:
         return state
     with checkpoint.as_directory() as d:
-        engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        try:
+            engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        except Exception as e:  # DeepSpeed's own message names tensors, not the setting that changed
+            raise RuntimeError(
+                f"cannot resume from {checkpoint.path}: it does not fit this run's model or sharding "
+                f"(student, LoRA, feature distillation, ZeRO stage, precision or worker count changed?). "
+                f"Give the run another name or output, or delete {run_dir}. DeepSpeed: {str(e)[:300]}"
+            ) from e
         restored = TrainerState.load(d)
     if restored.step != engine.global_steps:
         raise RuntimeError(f"checkpoint state step {restored.step} != DeepSpeed step {engine.global_steps}")

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from rayjobs.config import ConfigError
+from rayjobs.distill_config import DistillationConfig
+from rayjobs.train_checkpoints import LAYOUT_FILE, STATE_FILE, check_layout, checkpoint_layout, layout_changes
+
+
+def _d(**over) -> DistillationConfig:
+    return DistillationConfig(**{"student": "s", "output": "/tmp/out", **over})
+
+
+def test_only_settings_that_shape_the_checkpoint_count():
+    base = checkpoint_layout(_d())
+    assert checkpoint_layout(_d(optim={"lr": 0.1, "max_steps": 9}, loss={"kind": "logit", "alpha": 0.9})) == base
+    assert checkpoint_layout(_d(loss={"kind": "feature"})) != base
+    assert checkpoint_layout(_d(lora={"enabled": True})) != base
+    assert checkpoint_layout(_d(lora={"enabled": False, "r": 4})) == base  # r means nothing without LoRA
+    assert layout_changes(base, checkpoint_layout(_d(scaling={"num_workers": 2}))) == ["num_workers: 1 -> 2"]
+
+
+def _checkpoint(run_dir):
+    (run_dir / "checkpoint_000").mkdir(parents=True)
+    (run_dir / "checkpoint_000" / STATE_FILE).write_text("{}")
+
+
+def test_a_changed_layout_is_refused_while_checkpoints_exist(tmp_path):
+    run_dir = tmp_path / "run"
+    check_layout(str(run_dir), checkpoint_layout(_d()), "run")
+    assert json.loads((run_dir / LAYOUT_FILE).read_text())["lora"] is None
+    _checkpoint(run_dir)
+    check_layout(str(run_dir), checkpoint_layout(_d(optim={"lr": 0.5})), "run")  # same layout: resumes
+    with pytest.raises(ConfigError, match=r"lora: None -> \{.*delete .*run to start over"):
+        check_layout(str(run_dir), checkpoint_layout(_d(lora={"enabled": True})), "run")
+
+
+def test_a_run_that_never_checkpointed_takes_the_new_layout(tmp_path):
+    run_dir = tmp_path / "run"
+    check_layout(str(run_dir), checkpoint_layout(_d()), "run")
+    check_layout(str(run_dir), checkpoint_layout(_d(deepspeed={"zero_stage": 3})), "run")
+    assert json.loads((run_dir / LAYOUT_FILE).read_text())["zero_stage"] == 3
+
+
+def test_checkpoints_older_than_the_layout_file_get_no_layout_claimed(tmp_path):
+    run_dir = tmp_path / "run"
+    _checkpoint(run_dir)
+    check_layout(str(run_dir), checkpoint_layout(_d(lora={"enabled": True})), "run")
+    assert not (run_dir / LAYOUT_FILE).exists()

@@ -8,7 +8,7 @@ moves one run's EM between 0.3 and 1.0, so a single pair says little; this compa
 seed. Ends with one JSON line: ``logit_mean_em``, ``data_mean_em``, ``logit_minus_data_mean_em``,
 ``logit_wins``, ``ties``, ``data_wins`` (held-out EM on the val prompts), and both arms' mean teacher
 agreement.
-Usage: python bench/xtok_seeds.py [--seeds 10] [--out runs/xtok-seeds] [--set KEY=VALUE ...]
+Usage: python bench/xtok_seeds.py [--seeds 10] [--first-seed 0] [--out runs/xtok-seeds] [--set KEY=VALUE ...]
 (``--set`` applies to both arms and the generation, e.g. another teacher and its output directory.)
 """
 
@@ -27,6 +27,7 @@ OUT = "runs/xtok-seeds"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--out", default=OUT, help="where the runs and logs go (relative to the repository)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for generation and both arms (repeatable)")
@@ -37,7 +38,7 @@ def main() -> None:
     print(f"generation ready ({gen_s / 60:.1f} min, skipped when complete)")
     em: dict[str, list[float]] = {arm: [] for arm in ARMS}
     agreement: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for arm, config in ARMS.items():
             out = f"{args.out}/{arm}-s{seed}/distill"
             wall = run_job("rayjobs.distill", [*args.overrides, f"distillation.seed={seed}", f"distillation.output={out}",

@@ -57,11 +57,13 @@ def checkpoint_layout(d) -> dict:
     resume; a change here makes ``load_checkpoint`` fail deep inside DeepSpeed on mismatched keys,
     sizes or partition counts.
     """
+    lora = d.lora.model_dump(mode="json", include={"r", "target_modules", "modules_to_save"})
     return {
         "student": d.student,
-        "lora": d.lora.model_dump(mode="json") if d.lora.enabled else None,
-        # Feature distillation adds trained projections to the checkpointed module.
-        "feature": d.loss.feature.model_dump(mode="json") if d.loss.kind == "feature" else None,
+        "lora": lora if d.lora.enabled else None,
+        # Feature distillation adds one projection per mapped layer, student width -> teacher width.
+        "feature": {"layer_map": d.loss.feature.layer_map, "teacher": d.teacher.model}
+        if d.loss.kind == "feature" else None,
         "zero_stage": d.deepspeed.zero_stage,
         "precision": d.deepspeed.precision,
         "num_workers": d.scaling.num_workers,

@@ -17,6 +17,12 @@ def test_only_settings_that_shape_the_checkpoint_count():
     assert checkpoint_layout(_d(loss={"kind": "feature"})) != base
     assert checkpoint_layout(_d(lora={"enabled": True})) != base
     assert checkpoint_layout(_d(lora={"enabled": False, "r": 4})) == base  # r means nothing without LoRA
+    lora = checkpoint_layout(_d(lora={"enabled": True}))
+    assert checkpoint_layout(_d(lora={"enabled": True, "alpha": 64, "dropout": 0.1})) == lora  # no new shapes
+    assert checkpoint_layout(_d(lora={"enabled": True, "r": 8})) != lora
+    feature = checkpoint_layout(_d(loss={"kind": "feature"}))
+    assert checkpoint_layout(_d(loss={"kind": "feature", "feature": {"hidden_weight": 3.0}})) == feature
+    assert checkpoint_layout(_d(loss={"kind": "feature", "feature": {"layer_map": [[1, 2]]}})) != feature
     assert layout_changes(base, checkpoint_layout(_d(scaling={"num_workers": 2}))) == ["num_workers: 1 -> 2"]
 
 

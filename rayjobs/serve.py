@@ -23,8 +23,8 @@ import tempfile
 import time
 
 from cluster.connect import ray_init
-from cluster.ports import free_port
 from cluster.kuberay import APP_NAME  # one application name, locally and in the RayService
+from cluster.ports import free_port
 from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
 

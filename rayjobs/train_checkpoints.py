@@ -39,15 +39,20 @@ COMMIT_FILE = "COMMITTED"
 LAYOUT_FILE = "checkpoint_layout.json"
 
 
-def _has_checkpoints(run_dir: str) -> bool:
+def _checkpoint_dirs(run_dir: str):
+    """``(filesystem, [paths])`` of the directories directly under ``run_dir`` (none if it is missing)."""
     from pyarrow import fs as pafs
 
     fs, root = filesystem(run_dir)
-    return any(
-        fs.get_file_info(f"{info.path}/{STATE_FILE}").type == pafs.FileType.File
-        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-        if info.type == pafs.FileType.Directory
-    )
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return fs, [i.path for i in infos if i.type == pafs.FileType.Directory]
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    from pyarrow import fs as pafs
+
+    fs, dirs = _checkpoint_dirs(run_dir)
+    return any(fs.get_file_info(f"{d}/{STATE_FILE}").type == pafs.FileType.File for d in dirs)
 
 
 def checkpoint_layout(d) -> dict:
@@ -84,17 +89,22 @@ def check_layout(run_dir: str, layout: dict, run_name: str) -> None:
     """
     location = join(run_dir, LAYOUT_FILE)
     raw = read_bytes(location)
-    changes = layout_changes(json.loads(raw.decode()), layout) if raw is not None else []
-    if changes and _has_checkpoints(run_dir):
+    if raw is None:
+        # Checkpoints without a layout file come from a version that did not write one: their
+        # layout is unknown, so none is claimed for them.
+        if not _has_checkpoints(run_dir):
+            write_bytes(location, json.dumps(layout, sort_keys=True).encode())
+        return
+    changes = layout_changes(json.loads(raw.decode()), layout)
+    if not changes:
+        return
+    if _has_checkpoints(run_dir):
         raise ConfigError(
             f"run '{run_name}' has checkpoints in {run_dir} written with other settings, and resuming "
             f"would load them: {'; '.join(changes)}. Give this run another name (--set name=...) or "
             f"another distillation.output, or delete {run_dir} to start over."
         )
-    # A new run, or an earlier start that never checkpointed. Checkpoints without a layout file come
-    # from a version that did not write one: their layout is unknown, so none is claimed for them.
-    if (raw is None or changes) and not (raw is None and _has_checkpoints(run_dir)):
-        write_bytes(location, json.dumps(layout, sort_keys=True).encode())
+    write_bytes(location, json.dumps(layout, sort_keys=True).encode())  # an earlier start never checkpointed
 
 
 @dataclass
@@ -159,22 +169,19 @@ def find_checkpoint(run_dir: str):
     after every rank uploaded, marks such checkpoints as safe to resume from.
     """
     import ray.train
-    from pyarrow import fs as pafs
 
     candidates = []
     registered = ray.train.get_checkpoint()
     if registered is not None:
         candidates.append((_checkpoint_step(registered), 1, registered))
-    fs, root = filesystem(run_dir)
-    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if info.type != pafs.FileType.Directory:
-            continue
+    fs, dirs = _checkpoint_dirs(run_dir)
+    for path in dirs:
         try:
-            with fs.open_input_stream(f"{info.path}/{COMMIT_FILE}") as f:
+            with fs.open_input_stream(f"{path}/{COMMIT_FILE}") as f:
                 step = int(json.loads(f.read().decode())["step"])
         except (FileNotFoundError, OSError, ValueError, KeyError):
             continue
-        candidates.append((step, 0, ray.train.Checkpoint(info.path, filesystem=fs)))
+        candidates.append((step, 0, ray.train.Checkpoint(path, filesystem=fs)))
     return max(candidates, key=lambda c: c[:2])[2] if candidates else None
 
 

@@ -76,7 +76,11 @@ def run_direct(teacher: str, prompts: Path, k: int, max_new: int) -> dict:
     tok = AutoTokenizer.from_pretrained(teacher)
     rows = [json.loads(x) for x in prompts.read_text().splitlines()]
     texts = [tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) for r in rows]
-    llm = LLM(model=teacher, gpu_memory_utilization=0.15, enforce_eager=True, max_model_len=256,
+    from cluster.kv_cache import resolve_kv_cache
+
+    # The KV cache the pipeline arm derives for the same engine (max_model_len 256, batch 256).
+    kv = resolve_kv_cache(None, teacher, max_model_len=256, max_num_seqs=256)
+    llm = LLM(model=teacher, kv_cache_memory_bytes=kv.bytes, enforce_eager=True, max_model_len=256,
               max_num_seqs=256, max_logprobs=max(20, k))
     outs = llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=max_new, logprobs=k or None))
     wall = time.perf_counter() - start

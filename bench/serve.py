@@ -41,15 +41,24 @@ def tiny_student(cache_dir: str) -> str:
     return str(prepare(cache_dir, DemoRecipe.tiny(), progress=lambda *_: None).student)
 
 
-def engine_args(max_model_len: int | None, memory_utilization: float) -> dict:
-    # What service.llm_config derives for CPU; the bare server gets the same.
-    return {"enforce_eager": True, "max_model_len": max_model_len, "gpu_memory_utilization": memory_utilization}
+MAX_ONGOING = 256  # one engine on each side, never throttled by Serve
+
+
+def engine_args(model: str, max_model_len: int | None, kv_cache_gib: float | None) -> dict:
+    """What service.llm_config derives for CPU (KV cache in bytes); the bare server gets the same."""
+    from service.config import ServingConfig
+    from service.llm_config import kv_cache_size
+
+    serving = ServingConfig(model=model, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                            autoscaling={"max_ongoing_requests": MAX_ONGOING})
+    kv = kv_cache_size(serving, model)
+    return {"enforce_eager": True, "max_model_len": max_model_len, "kv_cache_memory_bytes": kv.bytes}
 
 
 def start_bare(model: str, port: int, engine: dict, log_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port),
-           "--gpu-memory-utilization", str(engine["gpu_memory_utilization"])]
+           "--kv-cache-memory-bytes", str(engine["kv_cache_memory_bytes"])]
     if engine["max_model_len"]:
         cmd += ["--max-model-len", str(engine["max_model_len"])]
     if engine["enforce_eager"]:
@@ -84,9 +93,9 @@ def start_ours(model: str, port: int, engine: dict) -> str:
         "distillation": {"student": model, "output": "unused"},
         "serving": {
             "model": model, "model_id": MODEL_ID, "port": port, "api_key_env": "RAYSTILL_BENCH_KEY",
-            "max_model_len": engine["max_model_len"], "memory_utilization": engine["gpu_memory_utilization"],
+            "max_model_len": engine["max_model_len"], "kv_cache_gib": engine["kv_cache_memory_bytes"] / (1 << 30),
             # One engine on each side: this measures the serving path, not scale-out.
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 256,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": MAX_ONGOING,
                             "max_queued_requests": -1},
         },
     })
@@ -124,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--model", default=None, help="model dir or demo: reference (default: the tiny demo student)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
-    p.add_argument("--memory-utilization", type=float, default=0.1)
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV cache per engine (default: derived from the model and context, as serving does)")
     args = p.parse_args(argv)
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
@@ -134,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         model = resolve_model(args.model)
     else:
         model = tiny_student(tmp.name)
-    engine = engine_args(args.max_model_len, args.memory_utilization)
+    engine = engine_args(model, args.max_model_len, args.kv_cache_gib)
     bare_port, our_port = free_port(), free_port()
     bare_log = Path(tmp.name) / "bare-vllm.log"
     bare = start_bare(model, bare_port, engine, bare_log)

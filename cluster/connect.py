@@ -11,6 +11,15 @@ from cluster.sizing import local_ray_size
 log = logging.getLogger(__name__)
 
 
+def is_embedded(cfg: ClusterConfig | None = None) -> bool:
+    """True when jobs run on a Ray this process starts on this machine (no address given).
+
+    Then every engine runs on this node, so what this node has free can be checked up front.
+    """
+    cfg = cfg or ClusterConfig()
+    return not (cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
 def ray_init(cfg: ClusterConfig | None = None):
     """Connect to ``cfg.address`` / ``RAY_ADDRESS``, else start a local Ray sized for the demo.
 

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.kv_cache import EngineMemory
 from cluster.storage import Location
 
 
@@ -42,7 +43,7 @@ class SamplingConfig(_Strict):
     logprobs_topk: int = Field(0, ge=0, le=64, description="Teacher top-k logprobs stored per generated token (0 = off).")
 
 
-class EngineConfig(_Strict):
+class EngineConfig(_Strict, EngineMemory):
     """The vLLM actor pool. CPU vs GPU is only this block."""
 
     accelerator: Literal["cpu", "gpu"] = "cpu"
@@ -52,7 +53,6 @@ class EngineConfig(_Strict):
     max_replicas: int = Field(1, ge=1, description="Engine actors the pool may scale to.")
     batch_size: int = Field(64, ge=1, description="Rows per engine batch.")
     max_model_len: int | None = Field(None, ge=16)
-    memory_utilization: float = Field(0.15, gt=0.0, le=0.95, description="vLLM gpu_memory_utilization; on CPU the share of host RAM.")
     enforce_eager: bool = True
 
     @model_validator(mode="after")

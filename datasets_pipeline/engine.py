@@ -1,19 +1,35 @@
 """Map our generation config onto ray.data.llm's processor config and vLLM sampling params.
 
-Pure: CPU vs GPU differs only in the placement bundles and accelerator type
-computed here; the processor, stages and driver are the same code on both.
+Pure (no Ray, no vLLM): CPU vs GPU differs only in the placement bundles, the accelerator type
+and how the KV cache is sized (bytes on CPU, see ``cluster.kv_cache``), all computed here; the
+processor, stages and driver are the same code on both.
 """
 
 from __future__ import annotations
 
+from cluster.kv_cache import KVCacheSize, resolve_kv_cache
 from datasets_pipeline.config import GenerationConfig
 
 
-def processor_kwargs(cfg: GenerationConfig, model_path: str) -> dict:
+def kv_cache_size(cfg: GenerationConfig, model_path: str) -> KVCacheSize | None:
+    """The KV cache in bytes (always on CPU, on GPU only when configured); None = vLLM's fraction.
+
+    An engine runs at most ``batch_size`` sequences at once (it is ``max_num_seqs``).
+    """
     e = cfg.engine
+    if e.accelerator == "gpu" and e.kv_cache_gib is None:
+        return None
+    return resolve_kv_cache(e.kv_cache_gib, model_path, e.max_model_len, e.batch_size)
+
+
+def processor_kwargs(cfg: GenerationConfig, model_path: str, kv_cache_bytes: int | None = None) -> dict:
+    """``kv_cache_bytes`` (from ``kv_cache_size``) replaces vLLM's memory fraction when given."""
+    e = cfg.engine
+    memory = ({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes is not None
+              else {"gpu_memory_utilization": e.memory_utilization})
     engine_kwargs = {
         "enforce_eager": e.enforce_eager,
-        "gpu_memory_utilization": e.memory_utilization,
+        **memory,
         "tensor_parallel_size": e.tensor_parallel_size,
         "max_num_seqs": e.batch_size,
     }

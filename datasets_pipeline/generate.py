@@ -15,7 +15,7 @@ from functools import partial
 
 from datasets_pipeline.assemble import Assembler, Completed
 from datasets_pipeline.config import GenerationConfig
-from datasets_pipeline.engine import processor_kwargs, sampling_params
+from datasets_pipeline.engine import kv_cache_size, processor_kwargs, sampling_params
 from datasets_pipeline.shards import Progress, ShardStore
 from datasets_pipeline.stages import InputRejects, PromptStage, StudentStage, compact_engine_output
 from datasets_pipeline.targets import render_prompt
@@ -88,11 +88,11 @@ class BackgroundRows:
         return self.ready()
 
 
-def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests):
+def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests, kv_cache_bytes: int | None):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     processor = build_processor(
-        vLLMEngineProcessorConfig(**processor_kwargs(cfg, teacher)),
+        vLLMEngineProcessorConfig(**processor_kwargs(cfg, teacher, kv_cache_bytes)),
         postprocess=partial(compact_engine_output, k=cfg.sampling.logprobs_topk),
     )
     cfg_json = cfg.model_dump(mode="json")
@@ -154,12 +154,16 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
         PromptStage, fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "done": prog.done},
         concurrency=1,
     )
+    kv = kv_cache_size(cfg, teacher)
+    kv_cache_bytes = kv.bytes if kv else None
+    if kv:
+        log(f"generation: KV cache {kv.gib:.3f} GiB per engine ({kv.how})")
     start = time.perf_counter()
     tokens = samples = 0
     last_log = start
     retry: list[dict] = []
     for attempt in (1, 2):
-        for row in _engine_pass(cfg, teacher, student, requests).iter_rows():
+        for row in _engine_pass(cfg, teacher, student, requests, kv_cache_bytes).iter_rows():
             if row["status"] == "engine_error" and attempt == 1:
                 retry.append(row)
                 continue

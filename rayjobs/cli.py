@@ -12,6 +12,7 @@ import sys
 
 import yaml
 
+from cluster.errors import UserError
 from datasets_pipeline.shards import ForeignOutput
 from rayjobs.config import ConfigError, load_config
 
@@ -28,9 +29,31 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _kv_cache_lines(cfg) -> list[str]:
+    """The KV cache each engine will get, as comment lines (derived sizes depend on the model)."""
+    from datasets_pipeline.engine import kv_cache_size as generation_kv
+    from rayjobs.refs import existing_model
+    from service.llm_config import kv_cache_size as serving_kv
+
+    lines = []
+    for setting, ref, size in (
+        ("generation.engine.kv_cache_gib", cfg.generation.teacher, lambda m: generation_kv(cfg.generation, m)),
+        ("serving.kv_cache_gib", cfg.serving.model, lambda m: serving_kv(cfg.serving, m)),
+    ):
+        model = existing_model(ref)
+        if model is None:
+            lines.append(f"# {setting}: derived when the engine starts, from {ref} (not there yet)")
+            continue
+        kv = size(model)
+        resolved = "unset: vLLM's gpu_memory_utilization (GPU)" if kv is None else f"{kv.gib:.4f} ({kv.how})"
+        lines.append(f"# {setting} resolved: {resolved}")
+    return lines
+
+
 def _cmd_config_show(args) -> int:
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    print("\n".join(_kv_cache_lines(cfg)))
     return 0
 
 
@@ -152,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ForeignOutput) as e:
+    except (ConfigError, ForeignOutput, UserError) as e:
         print(f"error: {e}".replace("\n", "\nerror: "), file=sys.stderr)
         return 2
 

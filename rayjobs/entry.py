@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from cluster.errors import UserError
 from datasets_pipeline.shards import ForeignOutput
 from rayjobs.config import ConfigError, PipelineConfig, load_config
 
@@ -17,7 +18,7 @@ def run_job(description: str, job: Callable[[PipelineConfig], object], argv: lis
     args = parser.parse_args(argv)
     try:
         job(load_config(args.config, args.overrides))
-    except (ConfigError, ForeignOutput) as e:  # in the file, or found once the data is read: the user's to fix
+    except (ConfigError, ForeignOutput, UserError) as e:  # in the file, or found once the data is read: the user's to fix
         print(f"error: {e}".replace("\n", "\nerror: "), file=sys.stderr)
         return 2
     return 0

@@ -6,10 +6,13 @@ import hashlib
 import json
 import sys
 
-from cluster.connect import ray_init
+from cluster.connect import is_embedded, ray_init
+from cluster.kv_cache import engine_failures_explained, preflight
 from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
 from rayjobs.refs import resolve_data, resolve_model
+
+KV_SETTING = "generation.engine.kv_cache_gib"
 
 
 def generation_digest(cfg: PipelineConfig) -> str:
@@ -25,15 +28,19 @@ def generation_digest(cfg: PipelineConfig) -> str:
 
 
 def run(cfg: PipelineConfig, log=print) -> dict:
+    from datasets_pipeline.engine import kv_cache_size
     from datasets_pipeline.generate import run_generation
 
     gen = cfg.generation
     teacher = resolve_model(gen.teacher)
     student = resolve_model(gen.student_tokenizer)
     input_path = resolve_data(gen.input.path)
+    if is_embedded(cfg.cluster):
+        preflight(kv_cache_size(gen, teacher), KV_SETTING, teacher, engines=gen.engine.min_replicas)
     ray_init(cfg.cluster)
-    return run_generation(gen, teacher=teacher, student=student, input_path=input_path,
-                          config_digest=generation_digest(cfg), log=log)
+    with engine_failures_explained(KV_SETTING):
+        return run_generation(gen, teacher=teacher, student=student, input_path=input_path,
+                              config_digest=generation_digest(cfg), log=log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,3 +20,17 @@ def resolve_data(ref: str) -> str:
 
 def resolve_model(ref: str) -> str:
     return localize(resolve_data(ref))
+
+
+def existing_model(ref: str) -> str | None:
+    """Where ``ref`` is now, without building or downloading anything; None if it is not there yet."""
+    import os
+
+    from cluster.storage import is_s3
+
+    if ref.startswith("demo:"):
+        from rayjobs.demo.world import MODEL_REFS, cached
+
+        world = cached()
+        return str(getattr(world, MODEL_REFS[ref])) if world and ref in MODEL_REFS else None
+    return ref if is_s3(ref) or os.path.isdir(ref) else None

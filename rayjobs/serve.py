@@ -22,13 +22,16 @@ import sys
 import tempfile
 import time
 
-from cluster.connect import ray_init
+from cluster.connect import is_embedded, ray_init
+from cluster.kv_cache import engine_failures_explained, preflight
 from cluster.kuberay import APP_NAME  # one application name, locally and in the RayService
 from cluster.ports import free_port
+from cluster.storage import is_s3
 from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+KV_SETTING = "serving.kv_cache_gib"
 
 
 def haproxy_available() -> bool:
@@ -88,6 +91,12 @@ def base_url(cfg: PipelineConfig) -> str:
 
 def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
     serving = cfg.serving
+    if is_embedded(cfg.cluster) and serving.model and not is_s3(serving.model):
+        from rayjobs.refs import resolve_model
+        from service.llm_config import kv_cache_size
+
+        model = resolve_model(serving.model)
+        preflight(kv_cache_size(serving, model), KV_SETTING, model, engines=max(1, serving.autoscaling.min_replicas))
     prepare_local_ray(cfg)
     ray_init(cfg.cluster)
 
@@ -99,7 +108,8 @@ def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
     proxy = " behind HAProxy" if os.environ.get(HAPROXY_FLAG) == "1" else ""
     log(f"deploying {serving.model_id} from {serving.model}{proxy} (about a minute on CPU)")
     started = time.monotonic()
-    serve.run(build_app(serving.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
+    with engine_failures_explained(KV_SETTING):
+        serve.run(build_app(serving.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
     url = base_url(cfg)
     log(f"serving {serving.model_id} at {url} (ready after {time.monotonic() - started:.0f} s)")
     key = serving.api_key_file or (f"${serving.api_key_env}" if serving.api_key_env else None)

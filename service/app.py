@@ -26,7 +26,7 @@ from ray.serve.llm.deployment import LLMServer
 from cluster.storage import is_s3, localize
 from service.config import ServingConfig
 from service.guard import GuardMiddleware, GuardPolicy, RequestLog
-from service.llm_config import adapter_model_id, llm_config_kwargs
+from service.llm_config import adapter_model_id, kv_cache_size, llm_config_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,10 @@ def build_llm_config(cfg: ServingConfig) -> LLMConfig:
         from rayjobs.refs import resolve_model
 
         resolved = resolve_model(cfg.model)
-    return LLMConfig(**llm_config_kwargs(cfg, resolved))
+    kv = kv_cache_size(cfg, resolved)
+    if kv is not None:
+        log.info("KV cache %.3f GiB per replica (%s)", kv.gib, kv.how)
+    return LLMConfig(**llm_config_kwargs(cfg, resolved, kv.bytes if kv else None))
 
 
 def build_app(args: dict):

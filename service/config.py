@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.kv_cache import EngineMemory
 from cluster.storage import Location
 
 # Adapter names become the suffix of 'base:name' model ids and file names: keep them plain.
@@ -62,7 +63,7 @@ class RequestLogConfig(_Strict):
         return self
 
 
-class ServingConfig(_Strict):
+class ServingConfig(_Strict, EngineMemory):
     model: str | None = Field(None, description="Model to serve; defaults to the merged student.")
     model_id: str = Field("raystill-student", pattern=r"^[^:\s]+$", description="Name clients pass as `model`.")
     adapters: dict[str, Location] = Field(default_factory=dict, description="LoRA adapters served on the base as 'base:name'.")
@@ -71,9 +72,6 @@ class ServingConfig(_Strict):
     host: str = Field("127.0.0.1", description="HTTP bind address for local runs (pods always bind 0.0.0.0).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
     max_model_len: int | None = Field(None, ge=16, description="Context length; default: the model's.")
-    memory_utilization: float = Field(
-        0.1, gt=0.0, le=0.95, description="vLLM gpu_memory_utilization (on CPU: the fraction of host RAM for KV cache)."
-    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra vLLM engine arguments (e.g. dtype, max_num_seqs, max_lora_rank); override derived ones.",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cluster.kv_cache import KVCacheSize, resolve_kv_cache
 from cluster.storage import is_s3
 from service.config import ServingConfig
 
@@ -37,8 +38,24 @@ def model_source(cfg: ServingConfig, resolved_model: str) -> str:
     return cfg.model if cfg.model and is_s3(cfg.model) else resolved_model
 
 
-def engine_kwargs(cfg: ServingConfig) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"gpu_memory_utilization": cfg.memory_utilization}
+def max_num_seqs(cfg: ServingConfig) -> int:
+    """Sequences one replica's engine runs at once: Serve never hands it more than max_ongoing_requests."""
+    return int(cfg.engine_kwargs.get("max_num_seqs", cfg.autoscaling.max_ongoing_requests))
+
+
+def kv_cache_size(cfg: ServingConfig, model_dir: str) -> KVCacheSize | None:
+    """The KV cache in bytes (always on CPU, on GPU only when configured); None = vLLM's fraction."""
+    if cfg.accelerator == "gpu" and cfg.kv_cache_gib is None:
+        return None
+    return resolve_kv_cache(cfg.kv_cache_gib, model_dir, cfg.max_model_len, max_num_seqs(cfg))
+
+
+def engine_kwargs(cfg: ServingConfig, kv_cache_bytes: int | None = None) -> dict[str, Any]:
+    """vLLM engine arguments; ``kv_cache_bytes`` (from ``kv_cache_size``) replaces the memory fraction."""
+    if kv_cache_bytes is not None:
+        kwargs: dict[str, Any] = {"kv_cache_memory_bytes": kv_cache_bytes}
+    else:
+        kwargs = {"gpu_memory_utilization": cfg.memory_utilization}
     if cfg.max_model_len is not None:
         kwargs["max_model_len"] = cfg.max_model_len
     if cfg.accelerator == "cpu":
@@ -92,10 +109,10 @@ def deployment_config(cfg: ServingConfig) -> dict[str, Any]:
     }
 
 
-def llm_config_kwargs(cfg: ServingConfig, resolved_model: str) -> dict[str, Any]:
+def llm_config_kwargs(cfg: ServingConfig, resolved_model: str, kv_cache_bytes: int | None = None) -> dict[str, Any]:
     """Keyword arguments for ``ray.serve.llm.LLMConfig`` (``resolved_model``: a local path for
     local and ``demo:`` models; s3:// models are passed through)."""
-    engine = engine_kwargs(cfg)
+    engine = engine_kwargs(cfg, kv_cache_bytes)
     kwargs: dict[str, Any] = {
         "model_loading_config": {"model_id": cfg.model_id, "model_source": model_source(cfg, resolved_model)},
         "engine_kwargs": engine,

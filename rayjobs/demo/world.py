@@ -195,6 +195,12 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def cached(root: str | os.PathLike | None = None, recipe: DemoRecipe | None = None) -> DemoWorld | None:
+    """The world for ``recipe`` if it is already built, else None (never builds)."""
+    world_dir = cache_root(root) / "demo" / (recipe or DemoRecipe()).digest()
+    return DemoWorld.load(world_dir) if (world_dir / WORLD_FILE).exists() else None
+
+
 def prepare(
     root: str | os.PathLike | None = None,
     recipe: DemoRecipe | None = None,

@@ -35,3 +35,18 @@ def test_sampling_params_seed_is_per_engine():
     assert "seed" not in a  # vLLM CPU crashes on per-request seeds
     assert processor_kwargs(c, "/m")["engine_kwargs"]["seed"] == c.sampling.seed
     assert a["logprobs"] == 8 and a["temperature"] == 0.7
+
+
+def test_kv_cache_bytes_replace_the_memory_fraction(tmp_path):
+    import json
+
+    from datasets_pipeline.engine import kv_cache_size
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64, "max_position_embeddings": 4096}))
+    kv = kv_cache_size(cfg(max_model_len=256, batch_size=8), str(tmp_path))
+    assert kv.bytes >= 8 * 256 * (2 * 2 * 4 * 16 * 4)
+    eng = processor_kwargs(cfg(), "/m", kv.bytes)["engine_kwargs"]
+    assert eng["kv_cache_memory_bytes"] == kv.bytes and "gpu_memory_utilization" not in eng
+    assert kv_cache_size(cfg(accelerator="gpu"), str(tmp_path)) is None
+    assert processor_kwargs(cfg(accelerator="gpu"), "/m")["engine_kwargs"]["gpu_memory_utilization"] == 0.9

@@ -37,9 +37,9 @@ def test_autoscaling_and_queue_are_explicit():
 
 
 def test_cpu_placement_and_engine():
-    cfg = _cfg(max_model_len=256, memory_utilization=0.2)
-    eng = engine_kwargs(cfg)
-    assert eng == {"gpu_memory_utilization": 0.2, "max_model_len": 256, "enforce_eager": True}
+    cfg = _cfg(max_model_len=256)
+    eng = engine_kwargs(cfg, kv_cache_bytes=64 << 20)
+    assert eng == {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 256, "enforce_eager": True}
     assert placement_group_config(cfg, eng) == {"bundles": [{"CPU": 1}], "strategy": "PACK"}
     assert "accelerator_type" not in llm_config_kwargs(cfg, "/models/student")
 
@@ -112,3 +112,28 @@ def test_kwargs_validate_as_a_real_llm_config():
     assert type(engine.accelerator).__name__ == "CPUAccelerator"
     assert engine.engine_kwargs["enable_lora"] is True
     assert llm.deployment_config["autoscaling_config"]["max_replicas"] == 3
+
+
+def _model_dir(tmp_path, **shape) -> str:
+    import json
+
+    hf = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 128,
+          "max_position_embeddings": 512, "dtype": "float32", **shape}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    return str(tmp_path)
+
+
+def test_kv_cache_in_bytes_on_cpu_fraction_on_gpu(tmp_path):
+    """CPU: always bytes, derived from the model and max_ongoing_requests, never from the host."""
+    from service.llm_config import kv_cache_size
+
+    model = _model_dir(tmp_path)
+    kv = kv_cache_size(_cfg(max_model_len=256, autoscaling={"max_ongoing_requests": 4}), model)
+    per_token = 2 * 2 * 2 * 32 * 4
+    assert kv.derived and kv.bytes >= 4 * 256 * per_token
+    assert kv_cache_size(_cfg(kv_cache_gib=0.5), model).bytes == 1 << 29
+    assert kv_cache_size(_cfg(accelerator="gpu"), model) is None
+    assert kv_cache_size(_cfg(accelerator="gpu", kv_cache_gib=2), model).bytes == 2 << 30
+    # engine_kwargs' max_num_seqs bounds the sequences one engine holds at once.
+    more = kv_cache_size(_cfg(max_model_len=256, engine_kwargs={"max_num_seqs": 64}), model)
+    assert more.bytes > kv.bytes

@@ -77,7 +77,7 @@ def app(tiny_world, ray_local, s3_server, tmp_path_factory):
                        "output": str(tmp / "gen")},
         "distillation": {"student": str(tiny_world.student), "output": str(tmp / "distill")},
         "serving": {
-            "model": str(tiny_world.student), "port": free_port(), "memory_utilization": 0.05,
+            "model": str(tiny_world.student), "port": free_port(),
             "api_key_file": str(tmp / "api-key"), "api_key_env": None,
             "adapters": adapters,
             "limits": LIMITS, "autoscaling": AUTOSCALING,

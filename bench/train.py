@@ -114,10 +114,10 @@ def plain_loop(cfg, steps: int, threads: int) -> list[dict]:
     from transformers import AutoTokenizer
 
     from datasets_pipeline.shards import ShardStore
-    from rayjobs.collate import CollateSettings, collate, model_inputs
-    from rayjobs.losses import LossSettings, TopKTeacher, distill_loss
-    from rayjobs.schedule import make_lr_lambda
-    from rayjobs.train_loop import build_model, build_optimizer, count_layers
+    from rayjobs.distillation.collate import CollateSettings, collate, model_inputs
+    from rayjobs.distillation.losses import LossSettings, TopKTeacher, distill_loss
+    from rayjobs.distillation.schedule import make_lr_lambda
+    from rayjobs.distillation.worker import build_model, build_optimizer, count_layers
 
     torch.set_num_threads(threads)
     d = cfg.distillation

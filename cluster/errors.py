@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem in the user's input or settings; its message says what to change."""
+
+
+class ConfigError(UserError):
+    """A config problem, already phrased for the user (one line per problem)."""

@@ -7,14 +7,14 @@ MinIO or moto, chosen with ``AWS_ENDPOINT_URL``). Nothing here imports Ray.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Annotated
 from urllib.parse import urlparse
 
 from pydantic import AfterValidator
 
-# "demo:" names an artifact of the offline demo world, resolved to a local path at run time.
-_SCHEMES = ("", "file", "s3", "demo")
+_SCHEMES = ("", "file", "s3")
 
 
 def check_location(value: str) -> str:
@@ -22,8 +22,9 @@ def check_location(value: str) -> str:
     if not value or not value.strip():
         raise ValueError("must be a non-empty local path or s3:// URI")
     scheme = urlparse(value).scheme
-    # Windows drive letters ("C:\\...") parse as a one-letter scheme.
-    if len(scheme) > 1 and scheme not in _SCHEMES:
+    # Windows drive letters ("C:\\...") parse as a one-letter scheme; a 'name:ref' without '//' is a
+    # named reference that the job's resolver turns into a path before any stage reads it.
+    if len(scheme) > 1 and scheme not in _SCHEMES and "://" in value:
         raise ValueError(f"unsupported scheme '{scheme}://' (use a local path or s3://bucket/prefix)")
     if scheme == "s3" and not urlparse(value).netloc:
         raise ValueError("s3:// URI needs a bucket, e.g. s3://my-bucket/raystill")
@@ -116,3 +117,8 @@ def read_bytes(location: str) -> bytes | None:
             return f.read()
     except (FileNotFoundError, OSError):
         return None
+
+
+def write_json(location: str, data) -> None:
+    """``data`` as indented, key-sorted JSON at a local path or s3:// URI (non-JSON values as str)."""
+    write_bytes(location, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())

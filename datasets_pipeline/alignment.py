@@ -27,7 +27,7 @@ lands on the student's "num": the student's next token after the shared prefix, 
 the student position predicts). An id whose text is not whole characters (a byte-level BPE's lone
 byte) maps to the student id with the same vocabulary string, if any; ids that map nowhere put
 their mass in the rest bin. Several teacher
-ids may land on one student id; ``rayjobs.xtok.merge_topk`` sums their probabilities.
+ids may land on one student id; ``rayjobs.distillation.xtok.merge_topk`` sums their probabilities.
 """
 
 from __future__ import annotations

@@ -25,11 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from cluster.errors import UserError
 from cluster.storage import filesystem
 from datasets_pipeline import records as R
 
 
-class ForeignOutput(RuntimeError):
+class ForeignOutput(UserError):
     """The output location holds shards written under another config or record schema."""
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 
+from cluster.ray_data import read_parquet
 from cluster.storage import filesystem
 from datasets_pipeline.config import InputConfig
 
@@ -46,25 +47,6 @@ def _split_lines(row: dict) -> list[dict]:
 def _encode_row(row: dict) -> dict:
     blob = json.dumps(row, default=str, ensure_ascii=False).encode()
     return {"source": "row#" + hashlib.sha256(blob).hexdigest()[:16], "raw": blob}
-
-
-def read_parquet(paths, filesystem=None):
-    """``ray.data.read_parquet`` through Ray Data's V1 Parquet reader.
-
-    The V2 reader (Ray 2.60's default) lists files on a fresh pool of 32 ``FooterReader`` actor
-    processes every time a dataset executes, i.e. every training epoch. Measured here on 2 cores,
-    reading the demo's shards 4 times: V2 25 s and 45 worker processes started, V1 5.6 s and 5.
-    Our shard sets are tens of files, which V1 lists in the driver.
-    """
-    import ray.data
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        return ray.data.read_parquet(paths, filesystem=filesystem)
-    finally:
-        ctx.use_datasource_v2 = previous
 
 
 def read_source(cfg: InputConfig, path: str):

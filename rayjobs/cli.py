@@ -12,9 +12,8 @@ import sys
 
 import yaml
 
-from cluster.errors import UserError
-from datasets_pipeline.shards import ForeignOutput
-from rayjobs.config import ConfigError, load_config
+from rayjobs.config import load_config
+from rayjobs.entry import exit_code
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -173,11 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, ForeignOutput, UserError) as e:
-        print(f"error: {e}".replace("\n", "\nerror: "), file=sys.stderr)
-        return 2
+    return exit_code(lambda: args.func(args))
 
 
 if __name__ == "__main__":

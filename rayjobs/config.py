@@ -17,9 +17,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.config import ClusterConfig
+from cluster.errors import ConfigError
 from cluster.storage import Location, join
 from datasets_pipeline.config import GenerationConfig
-from rayjobs.distill_config import DistillationConfig
+from rayjobs.distillation.config import DistillationConfig
 from service.config import ServingConfig
 
 
@@ -66,10 +67,6 @@ class PipelineConfig(BaseModel):
 
 # What a distillation run's output depends on: everything but serving.
 DISTILL_DIGEST_EXCLUDE = ("serving",)
-
-
-class ConfigError(Exception):
-    """A config problem, already phrased for the user (one line per problem)."""
 
 
 def _parse_value(raw: str) -> Any:

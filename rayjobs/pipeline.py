@@ -15,7 +15,7 @@ import time
 from cluster.storage import join, read_bytes
 from rayjobs.config import DISTILL_DIGEST_EXCLUDE, PipelineConfig
 from rayjobs.entry import run_job
-from rayjobs.refs import resolve_model
+from rayjobs.refs import resolve_data, resolve_model
 
 
 class GateFailed(RuntimeError):
@@ -67,7 +67,6 @@ def _usage(url: str, model: str, key: str | None) -> str:
 def run(cfg: PipelineConfig, log=print, serve: bool = True, block: bool = False) -> dict:
     from rayjobs import distill, generate
     from rayjobs import serve as serving
-    from rayjobs.evaluate import load_eval_records
     from rayjobs.report import summary_table, write_report
 
     if serve:
@@ -104,23 +103,12 @@ def run(cfg: PipelineConfig, log=print, serve: bool = True, block: bool = False)
     }
     curves = dsum.get("curves", {}).get("png")
     if not summary["passed_gate"]:
-        failed = [f"{c['metric']}={c['value']} < {c['min']}" for c in dsum["gate"]["checks"] if not c["passed"]]
-        write_report(cfg.run_dir, summary, cfg.model_dump(mode="json"), manifest, curves)
-        log(summary_table(summary))
-        raise GateFailed(f"student missed the gate ({', '.join(failed)}); not deploying. "
-                         f"See {join(cfg.run_dir, 'report.md')}")
+        _refuse_to_deploy(cfg, summary, manifest, curves, log)
 
     if serve:
-        t3 = _stage("4/4 serve (Ray Serve LLM, autoscaled) and query", log)
-        url = serving.run(cfg, log, block=False)
-        key = _api_key(cfg)
-        record = load_eval_records(cfg.distillation.data, 1)
-        messages = json.loads(record[0]["messages"]) if record else [{"role": "user", "content": "What is 12 + 34?"}]
-        answer = query_endpoint(url, cfg.serving.model_id, messages, key)
-        log(f"query: {messages[-1]['content']!r} -> {answer['answer']!r} in {answer['latency_s']:.2f}s")
-        summary.update(endpoint=url, query_latency_s=answer["latency_s"], query_tokens_per_s=answer["tokens_per_s"],
-                       query_answer=answer["answer"])
-        summary["stage_s"]["serve"] = round(time.perf_counter() - t3, 1)
+        served = _serve_and_query(cfg, log)
+        summary["stage_s"]["serve"] = served.pop("serve_s")
+        summary.update(served)
 
     report = write_report(cfg.run_dir, summary, cfg.model_dump(mode="json"), manifest, curves)
     log("\n" + summary_table(summary))
@@ -135,6 +123,31 @@ def run(cfg: PipelineConfig, log=print, serve: bool = True, block: bool = False)
         except KeyboardInterrupt:
             log("shutting down")
     return summary
+
+
+def _refuse_to_deploy(cfg: PipelineConfig, summary: dict, manifest: dict, curves: str | None, log) -> None:
+    from rayjobs.report import summary_table, write_report
+
+    failed = [f"{c['metric']}={c['value']} < {c['min']}" for c in summary["gate"]["checks"] if not c["passed"]]
+    write_report(cfg.run_dir, summary, cfg.model_dump(mode="json"), manifest, curves)
+    log(summary_table(summary))
+    raise GateFailed(f"student missed the gate ({', '.join(failed)}); not deploying. "
+                     f"See {join(cfg.run_dir, 'report.md')}")
+
+
+def _serve_and_query(cfg: PipelineConfig, log) -> dict:
+    """Deploy the student and ask it one held-out question; the summary's endpoint fields."""
+    from rayjobs import distill
+    from rayjobs import serve as serving
+
+    t3 = _stage("4/4 serve (Ray Serve LLM, autoscaled) and query", log)
+    url = serving.run(cfg, log, block=False)
+    record = distill.eval_records(resolve_data(cfg.distillation.data), 1)
+    messages = json.loads(record[0]["messages"]) if record else [{"role": "user", "content": "What is 12 + 34?"}]
+    answer = query_endpoint(url, cfg.serving.model_id, messages, _api_key(cfg))
+    log(f"query: {messages[-1]['content']!r} -> {answer['answer']!r} in {answer['latency_s']:.2f}s")
+    return {"endpoint": url, "query_latency_s": answer["latency_s"], "query_tokens_per_s": answer["tokens_per_s"],
+            "query_answer": answer["answer"], "serve_s": round(time.perf_counter() - t3, 1)}
 
 
 def _job(cfg: PipelineConfig) -> None:

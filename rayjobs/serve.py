@@ -24,11 +24,13 @@ import time
 
 from cluster.connect import is_embedded, ray_init
 from cluster.kv_cache import engine_failures_explained, preflight
-from cluster.kuberay import APP_NAME  # one application name, locally and in the RayService
+from rayjobs.kuberay import APP_NAME  # one application name, locally and in the RayService
 from cluster.ports import free_port
 from cluster.storage import is_s3
 from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
+from rayjobs.refs import resolve_model
+from service.llm_config import kv_cache_size
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 KV_SETTING = "serving.kv_cache_gib"
@@ -91,12 +93,12 @@ def base_url(cfg: PipelineConfig) -> str:
 
 def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
     serving = cfg.serving
-    if is_embedded(cfg.cluster) and serving.model and not is_s3(serving.model):
-        from rayjobs.refs import resolve_model
-        from service.llm_config import kv_cache_size
-
-        model = resolve_model(serving.model)
-        preflight(kv_cache_size(serving, model), KV_SETTING, model, engines=max(1, serving.autoscaling.min_replicas))
+    if serving.model and not is_s3(serving.model):
+        # The app gets a path: it never resolves named references (demo:) itself.
+        serving = serving.model_copy(update={"model": resolve_model(serving.model)})
+        if is_embedded(cfg.cluster):
+            preflight(kv_cache_size(serving, serving.model), KV_SETTING, serving.model,
+                      engines=max(1, serving.autoscaling.min_replicas))
     prepare_local_ray(cfg)
     ray_init(cfg.cluster)
 

@@ -87,12 +87,9 @@ class GuardedLLMServer(LLMServer):
 def build_llm_config(cfg: ServingConfig) -> LLMConfig:
     if not cfg.model:
         raise ValueError("serving.model is not set (the pipeline config fills it with the merged student)")
-    if is_s3(cfg.model):
-        resolved = cfg.model  # ray.serve.llm downloads it on each replica's node
-    else:
-        from rayjobs.refs import resolve_model
-
-        resolved = resolve_model(cfg.model)
+    # s3://: ray.serve.llm downloads it on each replica's node. Named references (demo:) were
+    # resolved to a path by the job before it built this app.
+    resolved = cfg.model if is_s3(cfg.model) else localize(cfg.model)
     kv = kv_cache_size(cfg, resolved)
     if kv is not None:
         log.info("KV cache %.3f GiB per replica (%s)", kv.gib, kv.how)

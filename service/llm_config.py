@@ -110,8 +110,8 @@ def deployment_config(cfg: ServingConfig) -> dict[str, Any]:
 
 
 def llm_config_kwargs(cfg: ServingConfig, resolved_model: str, kv_cache_bytes: int | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``ray.serve.llm.LLMConfig`` (``resolved_model``: a local path for
-    local and ``demo:`` models; s3:// models are passed through)."""
+    """Keyword arguments for ``ray.serve.llm.LLMConfig`` (``resolved_model``: a local path;
+    s3:// models are passed through)."""
     engine = engine_kwargs(cfg, kv_cache_bytes)
     kwargs: dict[str, Any] = {
         "model_loading_config": {"model_id": cfg.model_id, "model_source": model_source(cfg, resolved_model)},

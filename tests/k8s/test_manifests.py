@@ -269,7 +269,7 @@ def test_committed_serve_config_is_up_to_date(manifest):
     doc = yaml.safe_load(manifest.read_text())
     config, overrides = kuberay.manifest_source(doc)
     expected = kuberay.render_serve_config_v2(load_config(ROOT / config, overrides))
-    assert doc["spec"]["serveConfigV2"] == expected, "stale: run `python -m cluster.kuberay --all`"
+    assert doc["spec"]["serveConfigV2"] == expected, "stale: run `python -m rayjobs.kuberay --all`"
 
 
 def test_serve_config_comes_from_the_k8s_profile():
@@ -277,7 +277,7 @@ def test_serve_config_comes_from_the_k8s_profile():
         pytest.skip(f"{kuberay.DEFAULT_CONFIG} does not exist yet")
     for manifest in GENERATED:
         config, _ = kuberay.manifest_source(yaml.safe_load(manifest.read_text()))
-        fix = f"python -m cluster.kuberay --all --config {kuberay.DEFAULT_CONFIG}"
+        fix = f"python -m rayjobs.kuberay --all --config {kuberay.DEFAULT_CONFIG}"
         assert config == kuberay.DEFAULT_CONFIG, f"{manifest}: run `{fix}`"
 
 

@@ -71,8 +71,8 @@ def online_batch(tiny_pair, tiny_rows):
     from transformers import AutoTokenizer
 
     from datasets_pipeline.targets import build_student_example
-    from rayjobs.collate import CollateSettings
-    from rayjobs.online_teacher import OnlineCollate, TeacherTokens
+    from rayjobs.distillation.collate import CollateSettings
+    from rayjobs.distillation.online_teacher import OnlineCollate, TeacherTokens
 
     def make(student: str):
         s_tok = AutoTokenizer.from_pretrained(tiny_pair[student])

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from rayjobs.cli import main
-from rayjobs.config import ConfigError, PipelineConfig, apply_overrides, load_config
+from cluster.errors import ConfigError
+from rayjobs.config import PipelineConfig, apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "configs" / "demo.yaml"

@@ -90,7 +90,7 @@ def test_invalid_serving_configs_are_rejected(bad, needle):
 
 def test_kuberay_args_are_what_build_app_accepts():
     """serveConfigV2 passes ``serving.model_dump(mode="json")``; it must validate back unchanged."""
-    from cluster.kuberay import APP_IMPORT_PATH, serve_config
+    from rayjobs.kuberay import APP_IMPORT_PATH, serve_config
     from rayjobs.config import load_config
     from rayjobs.serve import APP_NAME
 

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from datasets_pipeline.answers import check_answer, normalize_answer, split_reasoning
-from rayjobs.distill_config import GateConfig
+from rayjobs.distillation.config import GateConfig
 
 EVAL_COLUMNS = ["prompt_id", "sample_index", "split", "messages", "reference", "answer", "input_ids", "prompt_len",
                 "teacher_offset"]
@@ -71,13 +71,11 @@ def check_gate(report: dict, gate: GateConfig) -> dict:
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
-def load_eval_records(data_location: str, limit: int | None) -> list[dict]:
-    """First sample of each ``val`` prompt, in prompt-id order (deterministic across runs)."""
+def select_eval_records(table, limit: int | None) -> list[dict]:
+    """First sample of each ``val`` prompt of ``table`` (the samples' ``EVAL_COLUMNS``), in
+    prompt-id order (deterministic across runs)."""
     import pyarrow.compute as pc
 
-    from datasets_pipeline.shards import ShardStore
-
-    table = ShardStore(data_location).read_samples(EVAL_COLUMNS)
     table = table.filter(pc.equal(table["split"], "val"))
     rows = sorted(table.to_pylist(), key=lambda r: (r["prompt_id"], r["sample_index"]))
     first, seen = [], set()
@@ -130,8 +128,8 @@ def _perplexity(model, tokenizer, records: list[dict], batch_size: int, max_seq_
     """
     import torch
 
-    from rayjobs.collate import CollateSettings, collate, model_inputs
-    from rayjobs.losses import distill_loss
+    from rayjobs.distillation.collate import CollateSettings, collate, model_inputs
+    from rayjobs.distillation.losses import distill_loss
 
     rows = [r for r in records if r["input_ids"]]
     if not rows or not _speaks_student_tokens(tokenizer, rows[0]):
@@ -152,7 +150,7 @@ def _perplexity(model, tokenizer, records: list[dict], batch_size: int, max_seq_
 
 def evaluate_model(
     model_dir: str,
-    data_location: str,
+    records: list[dict],
     *,
     checker: str,
     max_new_tokens: int,
@@ -162,11 +160,11 @@ def evaluate_model(
     device: str = "cpu",
     num_examples: int = 5,
 ) -> dict:
-    """The eval report (JSON-serializable) of a saved HF model on the shards' val split."""
+    """The eval report (JSON-serializable) of a saved HF model on ``records`` (``select_eval_records``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    records = load_eval_records(data_location, limit)
+    records = records[:limit] if limit else records
     report: dict = {"model": model_dir, "n": len(records), "checker": checker, "max_new_tokens": max_new_tokens}
     if not records:
         return {**report, "em": None, "token_f1": None, "teacher_agreement": None, "perplexity": None,

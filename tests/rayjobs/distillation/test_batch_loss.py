@@ -1,4 +1,4 @@
-"""rayjobs.batch_loss wired for a worker without Ray: schedules, stored vs online teacher, features."""
+"""rayjobs.distillation.batch_loss wired for a worker without Ray: schedules, stored vs online teacher, features."""
 
 import json
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rayjobs import batch_loss
-from rayjobs.distill_config import DistillationConfig
-from rayjobs.feature_losses import DistillModule, FeatureLossOutput
+from rayjobs.distillation import batch_loss
+from rayjobs.distillation.config import DistillationConfig
+from rayjobs.distillation.feature_losses import DistillModule, FeatureLossOutput
 
 
 class Engine(torch.nn.Module):

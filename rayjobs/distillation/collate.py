@@ -7,7 +7,7 @@ Alignment. A row (``datasets_pipeline.records.SAMPLE_SCHEMA``) holds ``input_ids
 + target; the first ``prompt_len`` tokens are the prompt. Position ``t`` of the student's logits
 predicts token ``t + 1``, so the *shifted* labels are ``labels[t] = input_ids[t + 1]`` where
 ``t + 1 >= prompt_len`` and ``-100`` elsewhere (prompt, the last position, padding). This is the
-convention of ``rayjobs.losses.distill_loss`` ("shift done by the caller").
+convention of ``rayjobs.distillation.losses.distill_loss`` ("shift done by the caller").
 
 The teacher's top-k are stored per *teacher* token ``j`` (flat, token-major): the teacher's
 distribution over the token it generated at step ``j``. With ``teacher_offset = o``, teacher token
@@ -17,7 +17,7 @@ not end with it) has no top-k and gets no KD mask, only cross-entropy.
 
 Rows with ``teacher_offset = -1`` (student tokens differ from the teacher's) take their teacher from
 the cross-tokenizer alignment the generation stage stored (``teacher_align``: per student target
-token, the teacher token starting at the same character; ``rayjobs.xtok.aligned_teacher_xtok``),
+token, the teacher token starting at the same character; ``rayjobs.distillation.xtok.aligned_teacher_xtok``),
 with the top-k ids mapped to student ids (``topk_student_ids``). Rows with neither (stripped
 reasoning, texts that did not align) get no KD mask, only cross-entropy.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rayjobs.xtok import aligned_teacher_xtok
+from rayjobs.distillation.xtok import aligned_teacher_xtok
 
 IGNORE_INDEX = -100
 NO_TOKEN = -1

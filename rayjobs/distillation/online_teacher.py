@@ -23,7 +23,7 @@ than the teacher's context are cut there; student positions aligned past the cut
 
 Logits. With identical vocabularies the teacher's full logits are the KD target
 (``DenseTeacher``); otherwise its top ``loss.xtok.online_topk`` ids per position are mapped onto
-student ids and merged (``rayjobs.xtok.map_teacher_topk``), a ``TopKTeacher`` like stored top-k.
+student ids and merged (``rayjobs.distillation.xtok.map_teacher_topk``), a ``TopKTeacher`` like stored top-k.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import torch
 
 from datasets_pipeline.alignment import align_tokens, tokenizer_decoder, tokenizer_vocab_map
 from datasets_pipeline.targets import render_prompt, same_vocabulary
-from rayjobs.collate import CollateSettings, collate
-from rayjobs.distill_config import TeacherConfig
-from rayjobs.losses import DenseTeacher, TopKTeacher
-from rayjobs.xtok import gather_positions, map_teacher_topk
+from rayjobs.distillation.collate import CollateSettings, collate
+from rayjobs.distillation.config import TeacherConfig
+from rayjobs.distillation.losses import DenseTeacher, TopKTeacher
+from rayjobs.distillation.xtok import gather_positions, map_teacher_topk
 
 ONLINE_COLUMNS = ("messages", "completion")
 

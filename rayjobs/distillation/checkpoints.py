@@ -31,7 +31,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 
 from cluster.storage import filesystem, join, read_bytes, write_bytes
-from rayjobs.config import ConfigError
+from cluster.errors import UserError
 
 DS_TAG = "ds"
 STATE_FILE = "trainer_state.json"
@@ -75,6 +75,10 @@ def checkpoint_layout(d) -> dict:
     }
 
 
+class LayoutChanged(UserError):
+    """A rerun would resume checkpoints written with another layout (the resume guard)."""
+
+
 def layout_changes(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every setting that differs."""
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
@@ -99,7 +103,7 @@ def check_layout(run_dir: str, layout: dict, run_name: str) -> None:
     if not changes:
         return
     if _has_checkpoints(run_dir):
-        raise ConfigError(
+        raise LayoutChanged(
             f"run '{run_name}' has checkpoints in {run_dir} written with other settings, and resuming "
             f"would load them: {'; '.join(changes)}. Give this run another name (--set name=...) or "
             f"another distillation.output, or delete {run_dir} to start over."

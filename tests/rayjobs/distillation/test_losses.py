@@ -1,11 +1,11 @@
-"""rayjobs.losses against naive references written with explicit probabilities and sums."""
+"""rayjobs.distillation.losses against naive references written with explicit probabilities and sums."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from rayjobs.losses import (
+from rayjobs.distillation.losses import (
     DIVERGENCES,
     DenseTeacher,
     LossSettings,

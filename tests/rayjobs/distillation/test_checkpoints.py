@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from rayjobs.config import ConfigError
-from rayjobs.distill_config import DistillationConfig
-from rayjobs.train_checkpoints import LAYOUT_FILE, STATE_FILE, check_layout, checkpoint_layout, layout_changes
+from rayjobs.distillation.checkpoints import LayoutChanged
+from rayjobs.distillation.config import DistillationConfig
+from rayjobs.distillation.checkpoints import LAYOUT_FILE, STATE_FILE, check_layout, checkpoint_layout, layout_changes
 
 
 def _d(**over) -> DistillationConfig:
@@ -37,7 +37,7 @@ def test_a_changed_layout_is_refused_while_checkpoints_exist(tmp_path):
     assert json.loads((run_dir / LAYOUT_FILE).read_text())["lora"] is None
     _checkpoint(run_dir)
     check_layout(str(run_dir), checkpoint_layout(_d(optim={"lr": 0.5})), "run")  # same layout: resumes
-    with pytest.raises(ConfigError, match=r"lora: None -> \{.*delete .*run to start over"):
+    with pytest.raises(LayoutChanged, match=r"lora: None -> \{.*delete .*run to start over"):
         check_layout(str(run_dir), checkpoint_layout(_d(lora={"enabled": True})), "run")
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rayjobs.distill_config import LoraConfig
-from rayjobs.lora import apply_lora, build_export_model
+from rayjobs.distillation.config import LoraConfig
+from rayjobs.distillation.lora import apply_lora, build_export_model
 
 
 def _tiny(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rayjobs.distill_config import LoraConfig
+from rayjobs.distillation.config import LoraConfig
 
 
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig):

@@ -14,7 +14,7 @@ class _Strict(BaseModel):
 
 
 class FeatureConfig(_Strict):
-    """kind 'feature': hidden states and attention maps of the online teacher (rayjobs/feature_losses.py)."""
+    """kind 'feature': hidden states and attention maps of the online teacher (rayjobs/distillation/feature_losses.py)."""
 
     layer_map: list[tuple[int, int]] | None = Field(
         None, description="[student, teacher] hidden-state indices (0 = embeddings, i = block i); "
@@ -43,7 +43,7 @@ class LossScheduleConfig(_Strict):
 
 
 class XtokConfig(_Strict):
-    """Logit KD when the teacher's tokenizer differs from the student's (rayjobs/xtok.py)."""
+    """Logit KD when the teacher's tokenizer differs from the student's (rayjobs/distillation/xtok.py)."""
 
     method: Literal["vocab_map", "uld"] = Field(
         "vocab_map", description="'vocab_map': teacher top-k mapped onto student ids at aligned positions; "
@@ -71,7 +71,7 @@ class LossConfig(_Strict):
         return self
 
     def settings_fields(self) -> dict:
-        """The fields ``rayjobs.losses.LossSettings`` takes."""
+        """The fields ``rayjobs.distillation.losses.LossSettings`` takes."""
         return self.model_dump(include={"divergence", "temperature", "alpha", "beta", "lam", "tail"})
 
 

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from rayjobs.config import ConfigError
-from rayjobs.curves import from_jsonl, render_png, steady_tokens_per_s, to_jsonl, write_curves
-from rayjobs.distill import check_models, check_supported, context_limit, context_report, plan_steps, training_columns
-from rayjobs.distill_config import DistillationConfig, GateConfig
-from rayjobs.evaluate import answer_metrics, check_gate, token_f1
+from cluster.errors import ConfigError
+from rayjobs.distillation.curves import from_jsonl, render_png, steady_tokens_per_s, to_jsonl, write_curves
+from rayjobs.distillation.plan import check_models, check_supported, context_limit, context_report, plan_steps, training_columns
+from rayjobs.distillation.config import DistillationConfig, GateConfig
+from rayjobs.distillation.evaluate import answer_metrics, check_gate, token_f1
 
 
 def _d(**kw) -> DistillationConfig:
@@ -124,7 +124,7 @@ def test_curves_round_trip_and_png(tmp_path):
 
 
 def test_perplexity_only_for_models_that_share_the_student_tokens():
-    from rayjobs.evaluate import _speaks_student_tokens
+    from rayjobs.distillation.evaluate import _speaks_student_tokens
 
     class Tok:
         def __init__(self, offset):

@@ -4,8 +4,8 @@ Every worker runs ``train_loop_per_worker(config)``; everything it needs comes i
 (built by ``rayjobs.distill.build_loop_config``), never from module globals. Batches stream from
 ``ray.train.get_dataset_shard("train")`` straight into the worker and are collated in Ray Data's
 prefetch threads; the driver never touches them. What a micro-batch costs (stored or online
-teacher, feature losses, schedules) is ``rayjobs.batch_loss``; checkpoints and what "resume"
-means are ``rayjobs.train_checkpoints``.
+teacher, feature losses, schedules) is ``rayjobs.distillation.batch_loss``; checkpoints and what "resume"
+means are ``rayjobs.distillation.checkpoints``.
 
 Test hook: when the driver's environment has ``RAYSTILL_TEST_CRASH_AT_STEP=N``, rank 0 kills
 its own process (``os._exit(1)``) right after optimizer step N, once per run: a marker file next
@@ -25,16 +25,16 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from cluster.storage import filesystem, is_s3, localize
-from rayjobs import batch_loss
-from rayjobs.deepspeed_config import build_deepspeed_config
-from rayjobs.distill_config import DistillationConfig
-from rayjobs.feature_losses import DistillModule
-from rayjobs.schedule import make_lr_lambda, param_groups
-from rayjobs.train_checkpoints import Checkpointer, TrainerState, restore
+from rayjobs.distillation import batch_loss
+from rayjobs.distillation.deepspeed_config import build_deepspeed_config
+from rayjobs.distillation.config import DistillationConfig
+from rayjobs.distillation.feature_losses import DistillModule
+from rayjobs.distillation.schedule import make_lr_lambda, param_groups
+from rayjobs.distillation.checkpoints import Checkpointer, TrainerState, restore
 
 
 class RayCollate(NumpyBatchCollateFn):
-    """A collate callable (``rayjobs.batch_loss.build``) as Ray Data wants it: run in prefetch threads."""
+    """A collate callable (``rayjobs.distillation.batch_loss.build``) as Ray Data wants it: run in prefetch threads."""
 
     def __init__(self, fn):
         super().__init__()
@@ -51,7 +51,7 @@ def build_model(student_dir: str, cfg: DistillationConfig, seed: int, eager_atte
     slice of its own copy, and different inits would stitch together a model nobody built.
     ``eager_attention``: attention probabilities are returned only by the eager implementation.
     """
-    from rayjobs.lora import apply_lora, load_student
+    from rayjobs.distillation.lora import apply_lora, load_student
 
     torch.manual_seed(seed)
     model = load_student(student_dir, attn_implementation="eager" if eager_attention else None)
@@ -104,7 +104,7 @@ def _gathered_state_dict(engine, zero_stage: int, rank: int) -> dict | None:
 
 def publish_merged(state_dict: dict, student_dir: str, cfg: DistillationConfig, location: str) -> None:
     """Rank 0: merge LoRA (if any) into the base and write the HF directory to ``location``."""
-    from rayjobs.lora import export_student
+    from rayjobs.distillation.lora import export_student
 
     lora = cfg.lora if cfg.lora.enabled else None
     if not is_s3(location):

@@ -1,12 +1,12 @@
-"""Cross-tokenizer logit distillation (rayjobs.xtok): merging, alignment, ULD. Pure, milliseconds."""
+"""Cross-tokenizer logit distillation (rayjobs.distillation.xtok): merging, alignment, ULD. Pure, milliseconds."""
 
 import numpy as np
 import pytest
 import torch
 
-from rayjobs.collate import CollateSettings, aligned_teacher, collate
-from rayjobs.losses import LossSettings, TopKTeacher, distill_loss
-from rayjobs.xtok import aligned_teacher_xtok, gather_positions, map_teacher_topk, merge_topk, uld_loss
+from rayjobs.distillation.collate import CollateSettings, aligned_teacher, collate
+from rayjobs.distillation.losses import LossSettings, TopKTeacher, distill_loss
+from rayjobs.distillation.xtok import aligned_teacher_xtok, gather_positions, map_teacher_topk, merge_topk, uld_loss
 
 
 def test_merge_topk_sums_duplicates_and_drops_unmapped():

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from rayjobs.schedule import layer_id, loss_stage, lr_factor, make_lr_lambda, param_groups, temperature_at, warmup_steps
+from rayjobs.distillation.schedule import layer_id, loss_stage, lr_factor, make_lr_lambda, param_groups, temperature_at, warmup_steps
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])

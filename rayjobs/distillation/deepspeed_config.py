@@ -2,7 +2,7 @@
 
 Pure (no DeepSpeed import) so every combination is unit-tested in milliseconds. The optimizer and
 LR schedule are *not* in this dict: the train loop builds them itself (AdamW over layer-wise param
-groups, ``rayjobs.schedule``) and hands them to ``deepspeed.initialize``, so one schedule
+groups, ``rayjobs.distillation.schedule``) and hands them to ``deepspeed.initialize``, so one schedule
 implementation serves DeepSpeed and the plain-PyTorch benchmark alike.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from rayjobs.distill_config import DistillationConfig
+from rayjobs.distillation.config import DistillationConfig
 
 # DeepSpeed prints a progress line every ``steps_per_print`` steps; our own curves replace it.
 _QUIET_STEPS = 1 << 30

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rayjobs.collate import (
+from rayjobs.distillation.collate import (
     IGNORE_INDEX,
     CollateSettings,
     aligned_teacher,
@@ -13,7 +13,7 @@ from rayjobs.collate import (
     pack_first_fit,
     shifted_labels,
 )
-from rayjobs.losses import LossSettings, TopKTeacher, distill_loss
+from rayjobs.distillation.losses import LossSettings, TopKTeacher, distill_loss
 
 PAD = 0
 K = 3

@@ -4,9 +4,9 @@ The Serve application on Kubernetes must serve exactly what the pipeline config 
 (model, autoscaling, limits, API key variable), so the manifest's ``serveConfigV2`` block
 is rendered from the config and never edited by hand::
 
-    python -m cluster.kuberay --config examples/configs/k8s.yaml            # base manifest
-    python -m cluster.kuberay --all --config examples/configs/k8s.yaml      # every manifest
-    python -m cluster.kuberay --all --check                                 # exit 1 if stale
+    python -m rayjobs.kuberay --config examples/configs/k8s.yaml            # base manifest
+    python -m rayjobs.kuberay --all --config examples/configs/k8s.yaml      # every manifest
+    python -m rayjobs.kuberay --all --check                                 # exit 1 if stale
 
 Each generated manifest records its source in two annotations (the config path, relative
 to the repository root, and the ``--set`` overrides), so ``--all`` and the tests can
@@ -144,9 +144,9 @@ def generated_manifests(root: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rayjobs.config import ConfigError
+    from cluster.errors import ConfigError
 
-    p = argparse.ArgumentParser(prog="python -m cluster.kuberay", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m rayjobs.kuberay", description=__doc__.splitlines()[0])
     p.add_argument("--config", help=f"pipeline config, relative to the repo root (default {DEFAULT_CONFIG})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE")
     p.add_argument("--manifest", default=DEFAULT_MANIFEST, help="RayService manifest (or patch) to rewrite")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rayjobs.distill_config import TeacherConfig
-from rayjobs.losses import DenseTeacher, TopKTeacher
-from rayjobs.online_teacher import OnlineTeacher, load_teacher, position_map
+from rayjobs.distillation.config import TeacherConfig
+from rayjobs.distillation.losses import DenseTeacher, TopKTeacher
+from rayjobs.distillation.online_teacher import OnlineTeacher, load_teacher, position_map
 
 
 def test_position_map_shifts_the_token_map_by_one():

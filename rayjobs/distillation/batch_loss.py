@@ -7,10 +7,10 @@ The teacher signal comes from one of three places, fixed per run:
   by offset (same tokenizer) or by the generation stage's cross-tokenizer alignment;
   ``loss.xtok.method: uld`` replaces the divergence with ULD's sorted-probability distance.
 * the online teacher (``kind: feature``, or ``logit`` with ``source: online``): the frozen teacher
-  runs on the batch (``rayjobs.online_teacher``); ``feature`` adds the hidden-state and attention
-  losses through the projections (``rayjobs.feature_losses``).
+  runs on the batch (``rayjobs.distillation.online_teacher``); ``feature`` adds the hidden-state and attention
+  losses through the projections (``rayjobs.distillation.feature_losses``).
 
-Schedules are pure functions of the optimizer step (``rayjobs.schedule``): the KD temperature
+Schedules are pure functions of the optimizer step (``rayjobs.distillation.schedule``): the KD temperature
 ramps from ``schedule.temperature_start`` to ``temperature_end`` over the run, and feature runs
 train the hidden-state loss alone for the first ``schedule.stage1_steps`` steps.
 
@@ -27,19 +27,19 @@ from dataclasses import dataclass
 
 import torch
 
-from rayjobs.collate import CollateSettings, collate, model_inputs
-from rayjobs.distill_config import DistillationConfig
-from rayjobs.feature_losses import (
+from rayjobs.distillation.collate import CollateSettings, collate, model_inputs
+from rayjobs.distillation.config import DistillationConfig
+from rayjobs.distillation.feature_losses import (
     FeatureProjector,
     FeatureSettings,
     check_layer_map,
     feature_distill_loss,
     uniform_layer_map,
 )
-from rayjobs.losses import LossSettings, TopKTeacher, distill_loss
-from rayjobs.online_teacher import OnlineCollate, OnlineTeacher, TeacherTokens, load_teacher
-from rayjobs.schedule import loss_stage, temperature_at
-from rayjobs.xtok import uld_loss
+from rayjobs.distillation.losses import LossSettings, TopKTeacher, distill_loss
+from rayjobs.distillation.online_teacher import OnlineCollate, OnlineTeacher, TeacherTokens, load_teacher
+from rayjobs.distillation.schedule import loss_stage, temperature_at
+from rayjobs.distillation.xtok import uld_loss
 
 BASE_TERMS = ("loss", "ce", "kd")
 FEATURE_TERMS = ("hidden", "attention")

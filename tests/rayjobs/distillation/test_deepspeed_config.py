@@ -2,8 +2,8 @@
 
 import pytest
 
-from rayjobs.deepspeed_config import build_deepspeed_config, deep_merge
-from rayjobs.distill_config import DistillationConfig
+from rayjobs.distillation.deepspeed_config import build_deepspeed_config, deep_merge
+from rayjobs.distillation.config import DistillationConfig
 
 
 def _cfg(**overrides) -> DistillationConfig:

@@ -169,11 +169,14 @@ def test_online_logit_distillation_with_a_zero3_sharded_teacher(tiny_world, xtok
 
 
 def test_context_policy_drop_filters_in_the_dataset(xtok_world, ray_local):
-    from rayjobs.distill import build_datasets, data_stats
+    from datasets_pipeline.shards import ShardStore
+    from rayjobs.distill import data_stats
+    from rayjobs.distillation.engine import build_datasets
 
     data = str(xtok_world / "generated")
     stats = data_stats(data, context_limit=50)
     assert stats["over_context"] == 48 and stats["over_context_train"] == 40
-    kept = build_datasets(data, ["input_ids"], stats, drop_over=1000)
-    dropped = build_datasets(data, ["input_ids"], stats, drop_over=50)
+    store = ShardStore(data)
+    kept = build_datasets(store.sample_files(), store.fs, ["input_ids"], stats, drop_over=1000)
+    dropped = build_datasets(store.sample_files(), store.fs, ["input_ids"], stats, drop_over=50)
     assert kept["train"].count() == 40 and dropped["train"].count() == 0

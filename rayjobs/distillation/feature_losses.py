@@ -3,7 +3,7 @@
 Pure torch (no engine import), shared by the online-teacher train loop and the CPU tests. Teacher
 and student may differ in width, depth, head count and tokenizer; everything here works on the
 student's position grid, with ``align_index[b, p]`` the teacher position that has consumed the
-same text as student position ``p`` (``-1``: none; see ``rayjobs.online_teacher``).
+same text as student position ``p`` (``-1``: none; see ``rayjobs.distillation.online_teacher``).
 
 Layer mapping. ``hidden_states`` of an HF decoder has ``L + 1`` entries: 0 is the embeddings, ``i``
 the output of block ``i`` (the last one after the final norm). A mapping is a list of
@@ -27,7 +27,7 @@ each row renormalized over those keys, and compared with ``KL(teacher row || stu
 token mean over aligned queries, mean over pairs. Pairs whose student index is 0 (embeddings) have
 no attention and are skipped. Attention probabilities need ``attn_implementation="eager"``.
 
-Schedules (``rayjobs.schedule.loss_phase``): in stage 1 only the hidden-state loss trains; in
+Schedules (``rayjobs.distillation.schedule.loss_phase``): in stage 1 only the hidden-state loss trains; in
 stage 2 the total is ``(1 - alpha) * CE + alpha * T^2 * KD + w_h * hidden + w_a * attention``.
 """
 
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rayjobs.losses import DenseTeacher, LossSettings, TopKTeacher, distill_loss, kl, token_mean
-from rayjobs.xtok import gather_positions
+from rayjobs.distillation.losses import DenseTeacher, LossSettings, TopKTeacher, distill_loss, kl, token_mean
+from rayjobs.distillation.xtok import gather_positions
 
 HIDDEN_LOSSES = ("mse", "cosine")
 
@@ -114,7 +114,7 @@ class FeatureSettings:
 
 @dataclass(frozen=True)
 class FeatureLossOutput:
-    """``rayjobs.losses.LossOutput``'s fields plus the two feature terms (unweighted means)."""
+    """``rayjobs.distillation.losses.LossOutput``'s fields plus the two feature terms (unweighted means)."""
 
     total: torch.Tensor
     ce: torch.Tensor
@@ -187,7 +187,7 @@ def feature_distill_loss(
 
     student_out / teacher_out: HF outputs with ``logits``, ``hidden_states`` and, when the
     attention weight is on, ``attentions``. ``logit_teacher`` is already on the student's grid
-    and vocabulary (``rayjobs.online_teacher``). ``align_index`` ``[B, T_s]``: teacher position per
+    and vocabulary (``rayjobs.distillation.online_teacher``). ``align_index`` ``[B, T_s]``: teacher position per
     student position, ``-1`` where none (padding included).
     """
     aligned = align_index >= 0

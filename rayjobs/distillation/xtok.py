@@ -14,7 +14,7 @@ Method ``vocab_map`` (the default). The teacher's top-k ids are mapped to studen
 (``alignment.vocab_map``: same decoded text, else the student's first token of that text) and
 ids that land on the same student id are merged by summing their probabilities (``merge_topk``).
 The result is an ordinary ``TopKTeacher`` over student ids, so every divergence, temperature and
-``tail`` of ``rayjobs.losses`` applies unchanged; the teacher mass that maps nowhere and the mass
+``tail`` of ``rayjobs.distillation.losses`` applies unchanged; the teacher mass that maps nowhere and the mass
 outside its top-k both fall into the ``bucket`` rest bin. Why the default: it keeps token identity
 (the student learns *which* token the teacher prefers, and with what margin), and it is exact
 where the two vocabularies share tokens: on the demo world 301 of the student's 302 token texts
@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from rayjobs.losses import LossOutput, LossSettings, TopKTeacher, rest_log_masses, student_terms, temper, token_mean
+from rayjobs.distillation.losses import LossOutput, LossSettings, TopKTeacher, rest_log_masses, student_terms, temper, token_mean
 
 METHODS = ("vocab_map", "uld")
 NO_TOKEN = -1
@@ -72,7 +72,7 @@ def aligned_teacher_xtok(
     length: int, prompt_len: int, teacher_align: Sequence[int], k: int, width: int, topk_ids, topk_logprobs,
     merge: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cross-tokenizer twin of ``rayjobs.collate.aligned_teacher``: same outputs and padding.
+    """Cross-tokenizer twin of ``rayjobs.distillation.collate.aligned_teacher``: same outputs and padding.
 
     ``topk_ids`` are student ids for ``vocab_map`` (merged here when ``merge``) and may be the
     teacher's own ids for ``uld``, which only looks at which entries exist.
@@ -131,7 +131,7 @@ def uld_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher: TopKTe
              settings: LossSettings) -> LossOutput:
     """``(1 - alpha) * CE + alpha * T^2 * ULD`` with ULD over sorted top-k + rest (module docstring).
 
-    Shapes as ``rayjobs.losses.distill_loss``; ``teacher.logprobs`` must be sorted descending per
+    Shapes as ``rayjobs.distillation.losses.distill_loss``; ``teacher.logprobs`` must be sorted descending per
     position (``datasets_pipeline.topk.compact_topk`` stores them so) with ``ids = -1`` padding.
     """
     terms = student_terms(student_logits, labels)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rayjobs.distill_config import TeacherConfig
-from rayjobs.feature_losses import (
+from rayjobs.distillation.config import TeacherConfig
+from rayjobs.distillation.feature_losses import (
     DistillModule,
     FeatureProjector,
     FeatureSettings,
@@ -15,8 +15,8 @@ from rayjobs.feature_losses import (
     hidden_state_loss,
     uniform_layer_map,
 )
-from rayjobs.losses import LossSettings
-from rayjobs.online_teacher import OnlineTeacher, load_teacher
+from rayjobs.distillation.losses import LossSettings
+from rayjobs.distillation.online_teacher import OnlineTeacher, load_teacher
 
 
 def test_uniform_layer_map_spreads_student_blocks_over_the_teacher():

@@ -25,7 +25,7 @@ With ``S`` the top-k set and ``q`` the student:
   T = 1 the binned divergence is a lower bound of the dense one (data-processing inequality; all
   five are f-divergences), equal when the student's tail is proportional to the teacher's, in
   particular when k = V (empty tail). The rest mass is floored at k * eps, the precision of
-  ``1 - sum`` (see ``rest_log_masses``). The default of ``rayjobs.distill_config.LossConfig``.
+  ``1 - sum`` (see ``rest_log_masses``). The default of ``rayjobs.distillation.config.LossConfig``.
 
 Temperature T is applied after building the support at T = 1: ``log_softmax(log_probs / T)`` over
 the support, for teacher and student alike. For renormalize that equals tempering the full
@@ -66,7 +66,7 @@ _NEG_INF = float("-inf")
 
 @dataclass(frozen=True)
 class LossSettings:
-    """Which loss and its knobs; field names match ``rayjobs.distill_config.LossConfig``.
+    """Which loss and its knobs; field names match ``rayjobs.distillation.config.LossConfig``.
 
     ``kind="data"`` is cross-entropy only (the teacher's text is the data); ``"logit"`` mixes in
     KD as ``(1 - alpha) * CE + alpha * KD`` and needs a teacher.

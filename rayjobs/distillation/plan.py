@@ -1,0 +1,84 @@
+"""Pure planning for a distillation run: steps, context limits, columns, what is supported.
+
+Everything the driver decides before a worker starts, as plain functions of the config, the
+data's counts and the models' ``config.json``: no Ray, no torch, testable in milliseconds.
+A refusal is a ``ConfigError`` (one line, exit 2), never a failure inside a worker.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cluster.errors import ConfigError
+from rayjobs.distillation.collate import BASE_COLUMNS, TEACHER_COLUMNS
+from rayjobs.distillation.config import DistillationConfig, OptimConfig
+from rayjobs.distillation.online_teacher import ONLINE_COLUMNS
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    rows: int
+    rows_per_worker: int
+    micro_batches_per_epoch: int
+    total_steps: int
+
+
+def plan_steps(train_rows: int, optim: OptimConfig, num_workers: int) -> StepPlan:
+    """Optimizer steps for the run: ``max_steps``, else ``epochs`` over each worker's shard.
+
+    Ray Train splits the stream equally (``streaming_split(equal=True)``), so every worker sees
+    ``rows // num_workers`` rows per epoch; the last micro-batch of an epoch may be short.
+    """
+    per_worker = train_rows // num_workers
+    if per_worker == 0:
+        raise ValueError(f"{train_rows} training rows cannot feed {num_workers} workers")
+    micro = math.ceil(per_worker / optim.micro_batch_size)
+    total = optim.max_steps or max(1, math.ceil(optim.epochs * micro / optim.grad_accum))
+    return StepPlan(train_rows, per_worker, micro, total)
+
+
+def context_limit(d: DistillationConfig, student: dict) -> int:
+    """Student positions a sample may use: ``max_seq_len``, capped by the model's own positions."""
+    positions = student.get("max_position_embeddings")
+    return min(d.max_seq_len, positions) if positions else d.max_seq_len
+
+
+def context_report(d: DistillationConfig, limit: int, stats: dict[str, int]) -> dict:
+    """What ``context_policy`` did to samples longer than the student's positions (for summary.json)."""
+    over = stats["over_context"]
+    return {"limit": limit, "policy": d.context_policy, "over_limit": over,
+            "truncated": over if d.context_policy == "truncate" else 0,
+            "dropped": over if d.context_policy == "drop" else 0}
+
+
+def training_columns(d: DistillationConfig) -> list[str]:
+    if d.online_teacher:
+        return list(BASE_COLUMNS + ONLINE_COLUMNS)
+    return list(BASE_COLUMNS + (TEACHER_COLUMNS if d.loss.kind == "logit" else ()))
+
+
+def check_supported(d: DistillationConfig, stats: dict[str, int] | None = None) -> None:
+    """Refuse, before any worker starts, what the stage cannot do or would do silently wrong."""
+    if d.deepspeed.precision == "fp16" and not d.scaling.use_gpu:
+        raise ConfigError("distillation.deepspeed.precision='fp16' needs GPU workers; use 'bf16' or 'fp32' on CPU")
+    if stats is None:
+        return
+    if not stats["train"]:
+        raise ConfigError(f"no 'train' rows in the committed shards at {d.data}")
+    if d.loss.kind == "logit" and not d.online_teacher and not stats["with_teacher_topk"]:
+        raise ConfigError("distillation.loss.kind='logit' needs stored teacher top-k at the student's positions, and "
+                          "no row has it: generate with generation.sampling.logprobs_topk > 0 and preprocess.reasoning "
+                          "'keep' (or set distillation.teacher.source: online)")
+
+
+def check_models(d: DistillationConfig, student: dict, teacher: dict) -> None:
+    """Online teacher: the layer map must fit both depths (``ConfigError`` naming the field)."""
+    from rayjobs.distillation.batch_loss import feature_settings
+
+    if d.loss.kind != "feature":
+        return
+    try:
+        feature_settings(d, student["num_hidden_layers"], teacher["num_hidden_layers"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -5,10 +5,14 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class LocalRayConfig(BaseModel):
-    """Sizing of the embedded Ray started when no cluster address is given."""
+class StrictModel(BaseModel):
+    """Base of every config section: an unknown key is an error, never silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class LocalRayConfig(StrictModel):
+    """Sizing of the embedded Ray started when no cluster address is given."""
 
     num_cpus: int | None = Field(
         None,
@@ -25,10 +29,8 @@ class LocalRayConfig(BaseModel):
     include_dashboard: bool = Field(False, description="Start the dashboard (port 8265) locally.")
 
 
-class ClusterConfig(BaseModel):
+class ClusterConfig(StrictModel):
     """Where Ray jobs run: an existing cluster or an embedded local Ray."""
-
-    model_config = ConfigDict(extra="forbid")
 
     address: str | None = Field(
         None,

@@ -20,8 +20,9 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from cluster.config import StrictModel
 from cluster.errors import UserError
 from cluster.storage import join, read_bytes
 
@@ -37,7 +38,7 @@ ENGINE_OVERHEAD_BYTES = 1 * GIB
 _DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 
 
-class EngineMemory(BaseModel):
+class EngineMemory(StrictModel):
     """The two memory settings of every vLLM engine config (generation's pool, serving's replicas)."""
 
     memory_utilization: float = Field(

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from cluster.kv_cache import EngineMemory
+from cluster.config import StrictModel
 from cluster.storage import Location
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-
-class InputConfig(_Strict):
+class InputConfig(StrictModel):
     """Where prompts come from and which fields hold what."""
 
     path: Location = Field(description="JSONL file/dir, Parquet file/dir or a `datasets` save_to_disk dir; local or s3://.")
@@ -34,7 +32,7 @@ class InputConfig(_Strict):
         return self
 
 
-class SamplingConfig(_Strict):
+class SamplingConfig(StrictModel):
     n: int = Field(1, ge=1, le=64, description="Samples per prompt.")
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -43,7 +41,7 @@ class SamplingConfig(_Strict):
     logprobs_topk: int = Field(0, ge=0, le=64, description="Teacher top-k logprobs stored per generated token (0 = off).")
 
 
-class EngineConfig(_Strict, EngineMemory):
+class EngineConfig(EngineMemory):
     """The vLLM actor pool. CPU vs GPU is only this block."""
 
     accelerator: Literal["cpu", "gpu"] = "cpu"
@@ -62,7 +60,7 @@ class EngineConfig(_Strict, EngineMemory):
         return self
 
 
-class PreprocessConfig(_Strict):
+class PreprocessConfig(StrictModel):
     reasoning: Literal["keep", "strip"] = Field("keep", description="Keep the <think> trace in the training target or strip it.")
     checker: str = Field("numeric", description="Answer checker name: 'exact' or 'numeric'.")
     keep: Literal["all", "verified", "best_of_n"] = Field(
@@ -76,7 +74,7 @@ class PreprocessConfig(_Strict):
     split_seed: int = 0
 
 
-class GenerationConfig(_Strict):
+class GenerationConfig(StrictModel):
     """Teacher generation through ray.data.llm, streamed into student preprocessing."""
 
     teacher: str = Field(description="Teacher model: local dir, s3:// URI or 'demo:teacher'.")

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, StrictModel
 from cluster.errors import ConfigError
 from cluster.storage import Location, join
 from datasets_pipeline.config import GenerationConfig
@@ -24,10 +24,8 @@ from rayjobs.distillation.config import DistillationConfig
 from service.config import ServingConfig
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(StrictModel):
     """generate -> distill -> merge -> evaluate -> serve, one file."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; artifacts go to runs_root/name.")
     runs_root: Location = Field("runs", description="Parent of every run directory; local or s3://.")

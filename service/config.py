@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cluster.kv_cache import EngineMemory
+from cluster.config import StrictModel
 from cluster.storage import Location
 
 # Adapter names become the suffix of 'base:name' model ids and file names: keep them plain.
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(StrictModel):
     min_replicas: int = Field(1, ge=0, description="Replicas kept when idle (0 = scale to zero).")
     max_replicas: int = Field(2, ge=1, description="Upper bound on engine replicas.")
     target_ongoing_requests: float = Field(4, gt=0, description="Per replica; the LLM default never scales.")
@@ -39,7 +37,7 @@ class AutoscalingConfig(_Strict):
         return self
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(StrictModel):
     """Per-request limits; a request over one gets a 4xx with an OpenAI-style error body."""
 
     max_tokens: int = Field(512, ge=1, description="Largest max_tokens accepted; also the cap of a chat request without one.")
@@ -47,7 +45,7 @@ class LimitsConfig(_Strict):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body in bytes (413 beyond).")
 
 
-class RequestLogConfig(_Strict):
+class RequestLogConfig(StrictModel):
     """Served prompts become next round's generation input. Off by default: prompts may hold personal data."""
 
     enabled: bool = Field(False, description="Append served chat prompts as {id, messages} JSONL rows.")
@@ -63,7 +61,7 @@ class RequestLogConfig(_Strict):
         return self
 
 
-class ServingConfig(_Strict, EngineMemory):
+class ServingConfig(EngineMemory):
     model: str | None = Field(None, description="Model to serve; defaults to the merged student.")
     model_id: str = Field("raystill-student", pattern=r"^[^:\s]+$", description="Name clients pass as `model`.")
     adapters: dict[str, Location] = Field(default_factory=dict, description="LoRA adapters served on the base as 'base:name'.")

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from cluster.config import StrictModel
 from cluster.storage import Location
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-
-class FeatureConfig(_Strict):
+class FeatureConfig(StrictModel):
     """kind 'feature': hidden states and attention maps of the online teacher (rayjobs/distillation/feature_losses.py)."""
 
     layer_map: list[tuple[int, int]] | None = Field(
@@ -26,7 +24,7 @@ class FeatureConfig(_Strict):
         "with eager attention.")
 
 
-class LossScheduleConfig(_Strict):
+class LossScheduleConfig(StrictModel):
     """Schedules from practice: two-stage feature training and a temperature ramp."""
 
     stage1_steps: int = Field(
@@ -42,7 +40,7 @@ class LossScheduleConfig(_Strict):
         return self
 
 
-class XtokConfig(_Strict):
+class XtokConfig(StrictModel):
     """Logit KD when the teacher's tokenizer differs from the student's (rayjobs/distillation/xtok.py)."""
 
     method: Literal["vocab_map", "uld"] = Field(
@@ -52,7 +50,7 @@ class XtokConfig(_Strict):
         32, ge=1, description="Online teacher: top-k of its full distribution mapped onto student ids per position.")
 
 
-class LossConfig(_Strict):
+class LossConfig(StrictModel):
     kind: Literal["data", "logit", "feature"] = Field("data", description="Distillation signal.")
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl"] = "forward_kl"
     temperature: float = Field(1.0, gt=0.0)
@@ -75,7 +73,7 @@ class LossConfig(_Strict):
         return self.model_dump(include={"divergence", "temperature", "alpha", "beta", "lam", "tail"})
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     """The online teacher: frozen, run inside every training worker on each batch."""
 
     model: str | None = Field(None, description="Teacher model; defaults to generation.teacher.")
@@ -95,7 +93,7 @@ class TeacherConfig(_Strict):
         return self
 
 
-class LoraConfig(_Strict):
+class LoraConfig(StrictModel):
     enabled: bool = False
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
@@ -110,7 +108,7 @@ class LoraConfig(_Strict):
     )
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     schedule: Literal["linear", "cosine", "constant"] = "cosine"
@@ -125,7 +123,7 @@ class OptimConfig(_Strict):
     packing: bool = False
 
 
-class DeepSpeedConfig(_Strict):
+class DeepSpeedConfig(StrictModel):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -141,7 +139,7 @@ class DeepSpeedConfig(_Strict):
         return self
 
 
-class ScalingConfig(_Strict):
+class ScalingConfig(StrictModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
@@ -153,14 +151,14 @@ class ScalingConfig(_Strict):
     )
 
 
-class GateConfig(_Strict):
+class GateConfig(StrictModel):
     """A student that misses these is not merged into serving."""
 
     min_em: float | None = Field(None, ge=0.0, le=1.0)
     min_teacher_agreement: float | None = Field(None, ge=0.0, le=1.0)
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """Held-out evaluation of the merged student on the generated shards' 'val' split."""
 
     limit: int | None = Field(256, ge=1, description="Evaluate at most this many held-out prompts (first sample of each).")
@@ -169,7 +167,7 @@ class EvalConfig(_Strict):
     checker: str | None = Field(None, description="Answer checker, 'exact' or 'numeric'; default: generation.preprocess.checker.")
 
 
-class DistillationConfig(_Strict):
+class DistillationConfig(StrictModel):
     student: str = Field(description="Student model: local dir, s3:// URI or 'demo:student'.")
     data: Location | None = Field(None, description="Generated shards; defaults to generation.output.")
     output: Location = Field(description="Checkpoints, merged model and eval report go here.")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import kuberay
+from rayjobs import kuberay
 from cluster.manifests import (
     cluster_specs,
     containers,

@@ -34,24 +34,24 @@ class InputConfig(StrictModel):
 
 class SamplingConfig(StrictModel):
     n: int = Field(1, ge=1, le=64, description="Samples per prompt.")
-    temperature: float = Field(0.0, ge=0.0, le=5.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(256, ge=1)
-    seed: int = Field(0)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="Teacher sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest token set with this mass.")
+    max_new_tokens: int = Field(256, ge=1, description="Teacher tokens per sample; longer ones count as truncated.")
+    seed: int = Field(0, description="vLLM engine seed (per engine, not per request: vLLM CPU rejects those).")
     logprobs_topk: int = Field(0, ge=0, le=64, description="Teacher top-k logprobs stored per generated token (0 = off).")
 
 
 class EngineConfig(EngineMemory):
     """The vLLM actor pool. CPU vs GPU is only this block."""
 
-    accelerator: Literal["cpu", "gpu"] = "cpu"
+    accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Engine hardware; picks bundles and KV sizing.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type on GPU clusters, e.g. 'A10G'.")
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="Devices (GPU) or CPU bundles one engine spans.")
     min_replicas: int = Field(1, ge=1, description="Engine actors kept alive.")
     max_replicas: int = Field(1, ge=1, description="Engine actors the pool may scale to.")
     batch_size: int = Field(64, ge=1, description="Rows per engine batch.")
-    max_model_len: int | None = Field(None, ge=16)
-    enforce_eager: bool = True
+    max_model_len: int | None = Field(None, ge=16, description="Engine context (prompt + new tokens); default: the model's.")
+    enforce_eager: bool = Field(True, description="Skip graph capture/compilation (minutes at start on CPU, no gain on small models).")
 
     @model_validator(mode="after")
     def _replicas(self):
@@ -68,10 +68,10 @@ class PreprocessConfig(StrictModel):
         description="Rejection sampling policy for the train split; val prompts keep every sample, right or "
                     "wrong, so held-out EM and teacher agreement cover all of them.",
     )
-    drop_truncated: bool = True
-    dedupe: bool = True
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    split_seed: int = 0
+    drop_truncated: bool = Field(True, description="Set aside samples that hit max_new_tokens (counted as 'truncated').")
+    dedupe: bool = Field(True, description="Set aside repeated (prompt, completion) pairs (counted as 'duplicate').")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of prompts held out as 'val' (by prompt, all samples).")
+    split_seed: int = Field(0, description="Seed of the deterministic per-prompt train/val assignment.")
 
 
 class GenerationConfig(StrictModel):

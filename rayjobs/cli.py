@@ -51,6 +51,11 @@ def _kv_cache_lines(cfg) -> list[str]:
 
 def _cmd_config_show(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.explain:
+        from rayjobs.config import explain
+
+        print(explain(cfg))
+        return 0
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     print("\n".join(_kv_cache_lines(cfg)))
     return 0
@@ -142,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect and check pipeline configs").add_subparsers(
         dest="action", required=True
     )
-    _config_command(config, "show", "print the resolved config (defaults and overrides applied)", _cmd_config_show)
+    show = _config_command(config, "show", "print the resolved config (defaults and overrides applied)",
+                           _cmd_config_show)
+    show.add_argument("--explain", action="store_true", help="every field with its value and what it does")
     _config_command(config, "validate", "check a config; exit 2 with one line per problem", _cmd_config_validate)
     _config_command(sub, "generate", "teacher generation + preprocessing into Parquet shards", _cmd_generate)
     _config_command(sub, "serve", "serve the student behind an OpenAI-compatible endpoint (Ctrl-C stops)", _cmd_serve)

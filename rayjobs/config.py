@@ -10,11 +10,12 @@ import copy
 import hashlib
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from cluster.config import ClusterConfig, StrictModel
 from cluster.errors import ConfigError
@@ -142,3 +143,32 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(str(path), e)) from None
+
+
+def leaf_fields(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str | None]]:
+    """``(path, description)`` of every leaf field of the pipeline config, in declaration order.
+
+    A field whose type is (or may be) a config section is walked into; everything else is a leaf.
+    """
+    model = model or PipelineConfig
+    out = []
+    for name, field in model.model_fields.items():
+        sections = [t for t in (field.annotation, *typing.get_args(field.annotation))
+                    if isinstance(t, type) and issubclass(t, BaseModel)]
+        if sections:
+            out += leaf_fields(sections[0], f"{prefix}{name}.")
+        else:
+            out.append((prefix + name, field.description))
+    return out
+
+
+def explain(cfg: PipelineConfig) -> str:
+    """Every leaf field as ``path: value`` followed by its description (``raystill config show --explain``)."""
+    values = cfg.model_dump(mode="json")
+    lines = []
+    for path, description in leaf_fields():
+        value = values
+        for key in path.split("."):
+            value = value[key] if isinstance(value, dict) else None
+        lines.append(f"{path}: {json.dumps(value)}\n    {description}")
+    return "\n".join(lines)

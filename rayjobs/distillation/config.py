@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cluster.config import StrictModel
 from cluster.storage import Location
-
 
 
 class FeatureConfig(StrictModel):
@@ -52,8 +51,10 @@ class XtokConfig(StrictModel):
 
 class LossConfig(StrictModel):
     kind: Literal["data", "logit", "feature"] = Field("data", description="Distillation signal.")
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl"] = "forward_kl"
-    temperature: float = Field(1.0, gt=0.0)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl"] = Field(
+        "forward_kl", description="KD divergence between teacher and student token distributions: forward KL "
+        "(mode-covering), reverse KL (mode-seeking), generalized JSD (beta), skew KL / skew reverse KL (lam).")
+    temperature: float = Field(1.0, gt=0.0, description="KD softmax temperature for both distributions (> 1 softens).")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the KD term; (1-alpha) weights cross-entropy.")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="Generalized JSD interpolation.")
     lam: float = Field(0.1, ge=0.0, le=1.0, description="Skew KL mixing.")
@@ -94,11 +95,14 @@ class TeacherConfig(StrictModel):
 
 
 class LoraConfig(StrictModel):
-    enabled: bool = False
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Train low-rank adapters instead of the full student; they are merged into the saved model."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of every weight.")
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters: names matched by suffix, or 'all-linear'.")
     modules_to_save: list[str] = Field(
         default_factory=list,
         description="Modules trained in full beside the adapters, matched by name suffix (peft), e.g. "
@@ -109,25 +113,34 @@ class LoraConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    schedule: Literal["linear", "cosine", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    layerwise_lr_decay: float | None = Field(None, gt=0.0, le=1.0)
+    """AdamW (DeepSpeed's) and its schedule; one optimizer step = grad_accum micro-steps on every worker."""
+
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to norms and biases).")
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warm-up, until the last step (constant: none).")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of the steps spent warming the LR up from 0.")
+    layerwise_lr_decay: float | None = Field(
+        None, gt=0.0, le=1.0, description="Each block's LR is this times the block above's (top block and head at "
+        "lr); unset: one LR for all.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
-    epochs: float = Field(1.0, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0, description="Passes over each worker's share of the train rows (unless max_steps).")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per worker per micro-step.")
-    grad_accum: int = Field(1, ge=1)
-    grad_clip: float | None = Field(1.0, gt=0.0)
-    gradient_checkpointing: bool = False
-    packing: bool = False
+    grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the global gradient norm to this; null: no clipping.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory).")
+    packing: bool = Field(False, description="Pack several samples into each max_seq_len row (not with an online teacher).")
 
 
 class DeepSpeedConfig(StrictModel):
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """DeepSpeed in every Train worker: ZeRO sharding, offload, precision."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
+    offload_params: bool = Field(False, description="Keep parameter partitions in CPU memory (ZeRO 3).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Training precision; fp16 needs GPUs (loss scaling), bf16 runs on CPU and GPU.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Extra DeepSpeed config keys, merged last.")
 
     @model_validator(mode="after")
@@ -140,9 +153,11 @@ class DeepSpeedConfig(StrictModel):
 
 
 class ScalingConfig(StrictModel):
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """Ray Train's worker group: how many workers and what each reserves."""
+
+    num_workers: int = Field(1, ge=1, description="Train workers (data-parallel ranks), one DeepSpeed process each.")
+    use_gpu: bool = Field(False, description="One GPU per worker (and evaluation on a GPU).")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="Logical CPUs each worker reserves in Ray.")
     torch_threads: int | None = Field(
         None,
         ge=1,
@@ -154,8 +169,9 @@ class ScalingConfig(StrictModel):
 class GateConfig(StrictModel):
     """A student that misses these is not merged into serving."""
 
-    min_em: float | None = Field(None, ge=0.0, le=1.0)
-    min_teacher_agreement: float | None = Field(None, ge=0.0, le=1.0)
+    min_em: float | None = Field(None, ge=0.0, le=1.0, description="Least held-out exact match; null: not checked.")
+    min_teacher_agreement: float | None = Field(
+        None, ge=0.0, le=1.0, description="Least share of held-out answers equal to the teacher's; null: not checked.")
 
 
 class EvalConfig(StrictModel):
@@ -166,12 +182,21 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(64, ge=1, description="Prompts per batched greedy generate call.")
     checker: str | None = Field(None, description="Answer checker, 'exact' or 'numeric'; default: generation.preprocess.checker.")
 
+    @field_validator("checker")
+    @classmethod
+    def _known_checker(cls, name: str | None) -> str | None:
+        from datasets_pipeline.answers import CHECKERS
+
+        if name is not None and name not in CHECKERS:
+            raise ValueError(f"unknown checker {name!r}; known: {sorted(CHECKERS)}")
+        return name
+
 
 class DistillationConfig(StrictModel):
     student: str = Field(description="Student model: local dir, s3:// URI or 'demo:student'.")
     data: Location | None = Field(None, description="Generated shards; defaults to generation.output.")
     output: Location = Field(description="Checkpoints, merged model and eval report go here.")
-    max_seq_len: int = Field(512, ge=16)
+    max_seq_len: int = Field(512, ge=16, description="Student tokens per training sample (prompt + target).")
     context_policy: Literal["truncate", "drop"] = Field(
         "truncate", description="Samples longer than the student's positions (min of max_seq_len and the model's "
         "max_position_embeddings): cut to fit, or left out of training. Both are counted in summary.json.")
@@ -183,7 +208,7 @@ class DistillationConfig(StrictModel):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
     max_failures: int = Field(1, ge=0, description="Worker failures tolerated (restart from last checkpoint).")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds torch in every worker (new projections, dropout) and each epoch's shuffle.")
     shuffle_buffer: int = Field(
         1024, ge=0, description="Rows in each worker's local shuffle buffer (seeded per epoch); 0 keeps stream order."
     )

@@ -146,3 +146,29 @@ def test_config_from_environment(monkeypatch):
     assert load_config("env:RAYSTILL_CONFIG_YAML").name == "demo"
     with pytest.raises(ConfigError, match="environment variable not set"):
         load_config("env:RAYSTILL_NO_SUCH_VAR")
+
+
+def test_every_config_field_is_described():
+    from rayjobs.config import leaf_fields
+
+    fields = leaf_fields()
+    assert len(fields) > 100
+    assert [path for path, description in fields if not description] == []
+
+
+def test_config_show_explain_prints_each_field_with_its_value(capsys):
+    from rayjobs.cli import main
+
+    assert main(["config", "show", str(ROOT / "examples" / "configs" / "demo.yaml"), "--explain",
+                 "--set", "generation.sampling.max_new_tokens=77"]) == 0
+    out = capsys.readouterr().out
+    assert "generation.sampling.max_new_tokens: 77\n    Teacher tokens per sample" in out
+    assert "serving.kv_cache_gib: null" in out
+
+
+def test_eval_checker_is_checked_at_load():
+    from rayjobs.distillation.config import EvalConfig
+
+    assert EvalConfig(checker="numeric").checker == "numeric"
+    with pytest.raises(ValueError, match=r"unknown checker 'numerc'; known: \['exact', 'numeric'"):
+        EvalConfig(checker="numerc")

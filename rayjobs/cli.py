@@ -14,6 +14,7 @@ import yaml
 
 from rayjobs.config import load_config
 from rayjobs.entry import exit_code
+from rayjobs.preflight import run_preflight
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -63,28 +64,37 @@ def _cmd_config_show(args) -> int:
 
 def _cmd_config_validate(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.check_refs:
+        run_preflight(cfg, args.config, "run")
     print(f"{args.config}: OK (run '{cfg.name}', config digest {cfg.digest()})")
     return 0
+
+
+def _checked(args, command: str):
+    """The config of a command that runs something, after its preflight passed."""
+    cfg = load_config(args.config, args.overrides)
+    run_preflight(cfg, args.config, command)
+    return cfg
 
 
 def _cmd_generate(args) -> int:
     from rayjobs.generate import run
 
-    run(load_config(args.config, args.overrides))
+    run(_checked(args, "generate"))
     return 0
 
 
 def _cmd_distill(args) -> int:
     from rayjobs.distill import run
 
-    run(load_config(args.config, args.overrides))
+    run(_checked(args, "distill"))
     return 0
 
 
 def _cmd_serve(args) -> int:
     from rayjobs.serve import run
 
-    run(load_config(args.config, args.overrides))
+    run(_checked(args, "serve"))
     return 0
 
 
@@ -93,7 +103,7 @@ def _cmd_run(args) -> int:
 
     from rayjobs.pipeline import GateFailed, run
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _checked(args, "run")
     block = not (args.exit or os.environ.get("DEMO_EXIT") == "1")
     try:
         run(cfg, serve=not args.no_serve, block=block)
@@ -142,6 +152,7 @@ def _config_command(sub, name: str, helptext: str, func) -> argparse.ArgumentPar
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raystill", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     config = sub.add_parser("config", help="inspect and check pipeline configs").add_subparsers(
@@ -150,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = _config_command(config, "show", "print the resolved config (defaults and overrides applied)",
                            _cmd_config_show)
     show.add_argument("--explain", action="store_true", help="every field with its value and what it does")
-    _config_command(config, "validate", "check a config; exit 2 with one line per problem", _cmd_config_validate)
+    validate = _config_command(config, "validate", "check a config; exit 2 with one line per problem",
+                               _cmd_config_validate)
+    validate.add_argument("--check-refs", action="store_true",
+                          help="also check every model, input and output it names (the preflight), start nothing")
     _config_command(sub, "generate", "teacher generation + preprocessing into Parquet shards", _cmd_generate)
     _config_command(sub, "serve", "serve the student behind an OpenAI-compatible endpoint (Ctrl-C stops)", _cmd_serve)
     _config_command(sub, "distill", "train the student on the generated shards (Ray Train + DeepSpeed), merge, evaluate",
@@ -179,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return exit_code(lambda: args.func(args))
+    return exit_code(lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

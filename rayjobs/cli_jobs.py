@@ -27,8 +27,12 @@ def _exit_code(status: str) -> int:
 
 def _cmd_submit(args) -> int:
     from rayjobs.config import load_config
+    from rayjobs.preflight import run_preflight
 
     cfg = load_config(args.config, args.overrides)
+    if not args.skip_preflight:
+        # The job's working_dir is uploaded from here, so its relative paths resolve as they will there.
+        run_preflight(cfg, args.config, "run" if args.stage == "pipeline" else args.stage)
     sid = sub.submit(cfg, _address(args), stage=args.stage, working_dir=args.working_dir,
                      token_file=args.auth_token_file)
     print(f"submitted {sid} to {_address(args)}")
@@ -77,6 +81,8 @@ def register(subparsers, config_args) -> None:
     p.add_argument("--stage", default="pipeline", choices=sub.STAGES, help="what to run (default: pipeline)")
     p.add_argument("--working-dir", default=".", help="uploaded as the job's working_dir (default: .)")
     p.add_argument("--follow", action="store_true", help="stream logs until the job ends; exit 1 if it failed")
+    p.add_argument("--skip-preflight", action="store_true",
+                   help="submit without checking references here (paths that exist only on the cluster's nodes)")
     p.set_defaults(func=_cmd_submit)
 
     jobs = subparsers.add_parser("jobs", help="inspect Ray jobs").add_subparsers(dest="action", required=True)

@@ -177,7 +177,7 @@ def run(cfg: PipelineConfig, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(__doc__.splitlines()[0], run, argv)
+    return run_job(__doc__.splitlines()[0], run, "distill", argv)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def run(cfg: PipelineConfig, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(__doc__, run, argv)
+    return run_job(__doc__, run, "generate", argv)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def _job(cfg: PipelineConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(__doc__.splitlines()[0], _job, argv)
+    return run_job(__doc__.splitlines()[0], _job, "run", argv)
 
 
 if __name__ == "__main__":

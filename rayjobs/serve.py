@@ -131,7 +131,7 @@ def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(__doc__, run, argv)
+    return run_job(__doc__, run, "serve", argv)
 
 
 if __name__ == "__main__":

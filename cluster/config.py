@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Environment variable names that hold credentials, by convention.
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
 class StrictModel(BaseModel):
@@ -39,5 +44,18 @@ class ClusterConfig(StrictModel):
     )
     local: LocalRayConfig = Field(default_factory=LocalRayConfig)
     env_vars: dict[str, str] = Field(
-        default_factory=dict, description="Extra environment variables for every Ray worker."
+        default_factory=dict,
+        description="Extra environment variables for every Ray worker. Written into job metadata, reports and "
+        "serveConfigV2, so names that look secret (*KEY*, *TOKEN*, *SECRET*, *PASSWORD*) are refused: use a "
+        "Kubernetes Secret (envFrom) or the cluster's own environment.",
     )
+
+    @field_validator("env_vars")
+    @classmethod
+    def _no_secrets(cls, env: dict[str, str]) -> dict[str, str]:
+        secret = sorted(name for name in env if SECRET_NAME.search(name))
+        if secret:
+            raise ValueError(f"{secret} look like secrets; this config is copied into job metadata, reports and "
+                             "the RayService's serveConfigV2: put them in a Kubernetes Secret or the cluster's "
+                             "environment instead")
+        return env

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import yaml
 
-# Never uploaded: environments, artifacts and caches can be gigabytes.
+# Never uploaded: environments, artifacts and caches can be gigabytes; credentials never leave the laptop.
 EXCLUDES = [".venv/", "venv/", "runs/", ".cache/", ".git/", "**/__pycache__/", "*.egg-info/",
-            ".pytest_cache/", "*.parquet", "*.safetensors"]
+            ".pytest_cache/", "*.parquet", "*.safetensors",
+            "*.env", ".env", ".env.*", "*.pem", "*.key", "*.token", "*_token", "credentials", "*credentials.json",
+            ".aws/", ".netrc", "*.secret"]
 CONFIG_ENV = "RAYSTILL_CONFIG_YAML"
 # Forwarded when set locally: where S3 is, never the credentials (those come from the cluster).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "RAYSTILL_CACHE")

@@ -118,3 +118,26 @@ def test_submit_follow_succeeds_and_failure_is_reported(ray_head, tiny_world, tm
     assert status.returncode == 0 and "FAILED" in status.stdout
     listing = _cli("jobs", "list", "--address", ray_head)
     assert sid in listing.stdout
+
+
+def test_credentials_never_leave_the_laptop_but_every_source_file_does():
+    """With the matcher Ray's runtime_env packaging applies to ``excludes`` (gitignore patterns)."""
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excluded = _get_excludes(ROOT, EXCLUDES)
+    for secret in ("k8s/secrets.example.env", ".env", ".env.local", "keys/tls.pem", "id.key", "ray.token",
+                   "hf_token", "credentials", ".aws/credentials", ".netrc", "gcp-credentials.json"):
+        assert excluded(ROOT / secret), secret
+    sources = [p for p in ROOT.rglob("*.py") if not any(part in (".venv", ".cache", ".git") for part in p.parts)]
+    assert sources and not [s for s in sources if excluded(s)]
+
+
+def test_secret_looking_env_vars_are_refused():
+    from pydantic import ValidationError
+
+    from cluster.config import ClusterConfig
+
+    assert ClusterConfig(env_vars={"OMP_NUM_THREADS": "1"}).env_vars == {"OMP_NUM_THREADS": "1"}
+    for name in ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "DB_PASSWORD", "api_key"):
+        with pytest.raises(ValidationError, match="look like secrets"):
+            ClusterConfig(env_vars={name: "x"})

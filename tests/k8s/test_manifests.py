@@ -52,7 +52,7 @@ def test_the_kustomizations_are_the_expected_ones():
 @pytest.mark.parametrize("target", KUSTOMIZATIONS)
 def test_renders_one_of_each_ray_object(rendered, target):
     kinds = sorted(d["kind"] for d in rendered[target])
-    assert kinds == ["RayCluster", "RayJob", "RayService", "ServiceAccount"]
+    assert kinds == ["NetworkPolicy", "RayCluster", "RayJob", "RayService", "ServiceAccount"]
 
 
 @pytest.mark.parametrize("target", KUSTOMIZATIONS)

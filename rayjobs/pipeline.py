@@ -116,12 +116,10 @@ def run(cfg: PipelineConfig, log=print, serve: bool = True, block: bool = False)
     if summary["endpoint"]:
         log("\nquery the student:\n" + _usage(summary["endpoint"], cfg.serving.model_id, _api_key(cfg)))
     if summary["endpoint"] and block:
+        from rayjobs.serve import serve_until_stopped
+
         log("\nserving until Ctrl-C (set DEMO_EXIT=1 to exit after the query)")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            log("shutting down")
+        raise SystemExit(serve_until_stopped(cfg, log))
     return summary
 
 

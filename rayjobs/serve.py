@@ -118,16 +118,51 @@ def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
     log(f"  try: curl {url}/models" + (f" -H \"Authorization: Bearer <key from {key}>\"" if key else ""))
     if not block:
         return url
+    raise SystemExit(serve_until_stopped(cfg, log))
+
+
+class _Stop(Exception):
+    """Raised by the signal handler so the wait loop ends on SIGTERM as on Ctrl-C."""
+
+
+def serve_until_stopped(cfg: PipelineConfig, log=print) -> int:
+    """Block until SIGINT or SIGTERM, then stop serving; returns the shell's code (130 / 143).
+
+    A local Ray (started by this process) is shut down whole, which ends the replicas and their
+    vLLM engines within seconds; on a cluster only this application is deleted.
+    """
+    import signal
+
+    received: list[int] = []
+
+    def _handler(signum, _frame):
+        received.append(signum)
+        raise _Stop
+
+    previous = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        log("shutting down (Ctrl-C again to skip the graceful stop)")
-    try:
+    except (_Stop, KeyboardInterrupt):
+        pass
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    signum = received[0] if received else signal.SIGINT
+    log(f"{signal.Signals(signum).name}: stopping the endpoint")
+    _teardown(cfg)
+    log("stopped: endpoint, engines" + (" and the local Ray" if is_embedded(cfg.cluster) else ""))
+    return 128 + signum
+
+
+def _teardown(cfg: PipelineConfig) -> None:
+    import ray
+    from ray import serve
+
+    if is_embedded(cfg.cluster):
+        ray.shutdown()  # the raylet takes the replicas and their engine processes with it
+    else:
         serve.delete(APP_NAME)
-    except KeyboardInterrupt:
-        pass  # a local Ray and its replicas go down with this process anyway
-    return url
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from cluster.storage import is_s3
 from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
 from rayjobs.refs import resolve_model
+from service.guard import check_exposure, load_api_key
 from service.llm_config import kv_cache_size
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
@@ -93,6 +94,7 @@ def base_url(cfg: PipelineConfig) -> str:
 
 def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
     serving = cfg.serving
+    check_exposure(serving.host, load_api_key(serving.api_key_env, serving.api_key_file), serving.allow_unauthenticated)
     if serving.model and not is_s3(serving.model):
         # The app gets a path: it never resolves named references (demo:) itself.
         serving = serving.model_copy(update={"model": resolve_model(serving.model)})

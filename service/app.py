@@ -25,7 +25,7 @@ from ray.serve.llm.deployment import LLMServer
 
 from cluster.storage import is_s3, localize
 from service.config import ServingConfig
-from service.guard import GuardMiddleware, GuardPolicy, RequestLog
+from service.guard import GuardMiddleware, GuardPolicy, RequestLog, check_exposure
 from service.llm_config import adapter_model_id, kv_cache_size, llm_config_kwargs
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class GuardedLLMServer(LLMServer):
         # Read the key here, in the replica, where the Secret or env var lives; fail before the
         # engine starts if a configured key file is missing.
         self._policy = GuardPolicy.from_config(self._serving)
+        check_exposure(self._serving.host, self._policy.api_key, self._serving.allow_unauthenticated)
         if self._policy.api_key is None:
             log.warning("serving without an API key: set %s or api_key_file", self._serving.api_key_env)
         rl = self._serving.request_log

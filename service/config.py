@@ -78,6 +78,8 @@ class ServingConfig(EngineMemory):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_key_env: str | None = Field("RAYSTILL_API_KEY", description="Env var holding the API key; unset/empty = no auth.")
     api_key_file: str | None = Field(None, description="File holding the API key (e.g. a mounted Kubernetes Secret).")
+    allow_unauthenticated: bool = Field(
+        False, description="Serve without an API key on a non-loopback host. Off: such a start is refused.")
     request_log: RequestLogConfig = Field(default_factory=RequestLogConfig)
 
     @field_validator("adapters")

@@ -24,37 +24,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger(__name__)
+from cluster.errors import UserError
+from service.limits import CHAT_PATH, GENERATE_PATHS, OPEN_PATHS, GuardError, check_body, check_route
+from service.limits import text as message_text
 
-CHAT_PATH = "/v1/chat/completions"
-COMPLETIONS_PATH = "/v1/completions"
-GENERATE_PATHS = (CHAT_PATH, COMPLETIONS_PATH)
-# Load balancers and Kubernetes probes call this without a key.
-OPEN_PATHS = ("/health",)
-# vLLM CPU (0.32) cannot rewind a seeded request's CPU generator when its prefill is split
-# across steps (long prompt or busy batch): the step raises "CPU Generator does not use
-# offset" and the engine dies with every request in flight. Refuse seeds up front.
-SEED_ON_CPU = ("per-request 'seed' is not supported on the CPU engine (vLLM CPU crashes with "
-               "'CPU Generator does not use offset' when a seeded prompt is prefilled in chunks); remove it")
-# OpenAI's default for /v1/completions; chat has none, so the guard supplies one.
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+log = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-
-class GuardError(Exception):
-    """A refused request: HTTP status plus the OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, *, code: str, param: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def load_api_key(env_name: str | None, file_path: str | None) -> str | None:
@@ -95,6 +74,20 @@ class GuardPolicy:
         )
 
 
+class ExposedWithoutKey(UserError):
+    """Serving beyond this machine with no API key, and nobody said that was intended."""
+
+
+def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool) -> None:
+    """Auth fails closed: a non-loopback bind needs a key unless ``allow_unauthenticated`` says so."""
+    loopback = host == "localhost" or host == "::1" or host.startswith("127.")
+    if api_key is None and not allow_unauthenticated and not loopback:
+        raise ExposedWithoutKey(
+            f"serving.host is {host} (reachable from other machines) and no API key is configured "
+            "(serving.api_key_env is unset or empty, no serving.api_key_file): set a key, bind to 127.0.0.1, "
+            "or set serving.allow_unauthenticated: true")
+
+
 def check_auth(headers: dict[bytes, bytes], api_key: str | None) -> None:
     if api_key is None:
         return
@@ -106,57 +99,6 @@ def check_auth(headers: dict[bytes, bytes], api_key: str | None) -> None:
         raise GuardError(401, "invalid API key", code="invalid_api_key")
 
 
-def _text(content) -> str:
-    """Message content as text: a string, or the text parts of a content list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def prompt_chars(path: str, body: dict) -> int:
-    """Prompt size in characters (token-id prompts count one per id)."""
-    if path == CHAT_PATH:
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            return 0
-        return sum(len(_text(m.get("content"))) for m in messages if isinstance(m, dict))
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return len(prompt)
-    if isinstance(prompt, list):
-        return sum(len(p) if isinstance(p, (str, list)) else 1 for p in prompt)
-    return 0
-
-
-def check_body(path: str, body: Any, policy: GuardPolicy) -> dict:
-    """Validate a generation request against the limits; return it (with a max_tokens cap filled in).
-
-    Shape errors beyond what the limits need are left to vLLM, which answers them itself.
-    """
-    if not isinstance(body, dict):
-        raise GuardError(400, "request body must be a JSON object", code="invalid_json")
-    keys = ("max_completion_tokens", "max_tokens") if path == CHAT_PATH else ("max_tokens",)
-    for key in keys:
-        value = body.get(key)
-        if isinstance(value, int) and value > policy.max_tokens:
-            raise GuardError(400, f"{key}={value} exceeds this server's limit of {policy.max_tokens}",
-                             code="max_tokens_too_large", param=key)
-    chars = prompt_chars(path, body)
-    if chars > policy.max_prompt_chars:
-        param = "messages" if path == CHAT_PATH else "prompt"
-        raise GuardError(400, f"prompt is {chars} characters, over this server's limit of {policy.max_prompt_chars}",
-                         code="prompt_too_long", param=param)
-    if policy.reject_seed and body.get("seed") is not None:
-        raise GuardError(400, SEED_ON_CPU, code="unsupported_parameter", param="seed")
-    if all(body.get(k) is None for k in keys):
-        default = policy.max_tokens if path == CHAT_PATH else COMPLETIONS_DEFAULT_MAX_TOKENS
-        if default > policy.max_tokens or path == CHAT_PATH:
-            body = {**body, "max_tokens": min(default, policy.max_tokens)}
-    return body
-
-
 def log_row(body: dict, request_id: str) -> dict | None:
     """A chat request as a generation-stage input row ``{"id", "messages"}``; None if it could not be one."""
     messages = body.get("messages")
@@ -166,7 +108,7 @@ def log_row(body: dict, request_id: str) -> dict | None:
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             return None
-        out.append({"role": m["role"], "content": _text(m.get("content"))})
+        out.append({"role": m["role"], "content": message_text(m.get("content"))})
     if out[-1]["role"] != "user":  # the generation stage needs a user turn to answer
         return None
     return {"id": request_id, "messages": out}
@@ -260,6 +202,31 @@ async def _send_error(send: Send, err: GuardError) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+def _without_internals(send: Send, path: str) -> Send:
+    """A 5xx from the engine reaches the client as an OpenAI-style error with a request id and no
+    exception text; the original body goes to the log under that id."""
+    held: dict = {}
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] >= 500:
+            held.update(status=message["status"], body=[])
+            return
+        if not held:
+            await send(message)
+            return
+        held["body"].append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        request_id = f"err-{uuid.uuid4().hex[:12]}"
+        log.error("%s %s answered %d: %s", request_id, path, held["status"],
+                  b"".join(held["body"]).decode("utf-8", "replace")[:2000])
+        err = GuardError(held["status"], f"the server failed to process the request (id {request_id})",
+                         code="server_error", type="server_error")
+        await _send_error(send, err)
+
+    return wrapped
+
+
 async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes | None:
     """The whole request body, at most ``limit`` bytes; None if the client went away."""
     too_big = GuardError(413, f"request body exceeds {limit} bytes", code="request_too_large")
@@ -289,37 +256,26 @@ class GuardMiddleware:
         self.include_completions = include_completions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
+        if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
+        send = _without_internals(send, scope["path"])
         try:
-            check_auth(headers, self.policy.api_key)
-        except GuardError as err:
-            await _send_error(send, err)
-            return
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        try:
-            raw = await _read_body(receive, headers, self.policy.max_body_bytes)
-            if raw is None:
+            check_route(scope["path"])
+            if scope["path"] in OPEN_PATHS:
+                await self.app(scope, receive, send)
                 return
-            body = None
-            if scope["path"] in GENERATE_PATHS:
-                try:
-                    parsed = json.loads(raw)
-                except ValueError as e:
-                    raise GuardError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-                body = check_body(scope["path"], parsed, self.policy)
-                if body is not parsed:
-                    raw = json.dumps(body).encode()
-                    scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-                             + [(b"content-length", str(len(raw)).encode())]}
+            check_auth(dict(scope["headers"]), self.policy.api_key)
+            admitted = await self._admit(scope, receive)
         except GuardError as err:
             await _send_error(send, err)
             return
-
+        if admitted is None:  # the client went away
+            return
+        scope, raw, body = admitted
         replayed = False
 
         async def replay() -> Message:
@@ -329,16 +285,49 @@ class GuardMiddleware:
                 return {"type": "http.request", "body": raw, "more_body": False}
             return await receive()
 
+        receive_body = receive if raw is None else replay
         row = None
         if self.request_log is not None and scope["path"] == CHAT_PATH and body is not None:
             row = log_row(body, f"req-{uuid.uuid4().hex}")
         if row is None:
-            await self.app(scope, replay, send)
+            await self.app(scope, receive_body, send)
         elif not self.include_completions:
             self.request_log.add(row)
-            await self.app(scope, replay, send)
+            await self.app(scope, receive_body, send)
         else:
-            await self._run_and_log(scope, replay, send, row, bool(body.get("stream")))
+            await self._run_and_log(scope, receive_body, send, row, bool(body.get("stream")))
+
+    async def _admit(self, scope: Scope, receive: Receive):
+        """``(scope, raw body, checked body)`` of an admitted request (raw None: nothing read),
+        or None if the client disconnected; raises ``GuardError`` on a refusal."""
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return scope, None, None
+        raw = await _read_body(receive, dict(scope["headers"]), self.policy.max_body_bytes)
+        if raw is None:
+            return None
+        if scope["path"] not in GENERATE_PATHS:
+            return scope, raw, None
+        try:
+            parsed = json.loads(raw)
+        except ValueError as e:
+            raise GuardError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+        body = check_body(scope["path"], parsed, self.policy)
+        if body is not parsed:
+            raw = json.dumps(body).encode()
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+                     + [(b"content-length", str(len(raw)).encode())]}
+        return scope, raw, body
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Websockets get the same route allowlist and key as HTTP; a refusal closes before accepting."""
+        try:
+            check_route(scope["path"])
+            check_auth(dict(scope["headers"]), self.policy.api_key)
+        except GuardError as err:
+            log.info("websocket %s refused: %s", scope["path"], err.message)
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await self.app(scope, receive, send)
 
     async def _run_and_log(self, scope: Scope, receive: Receive, send: Send, row: dict, streamed: bool) -> None:
         status, chunks = 0, []

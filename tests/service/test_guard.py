@@ -8,18 +8,15 @@ import pytest
 from datasets_pipeline.config import InputConfig
 from datasets_pipeline.prompts import to_prompt
 from service.guard import (
-    CHAT_PATH,
-    COMPLETIONS_PATH,
-    GuardError,
     GuardMiddleware,
     GuardPolicy,
     RequestLog,
     check_auth,
-    check_body,
     completion_text,
     load_api_key,
     log_row,
 )
+from service.limits import CHAT_PATH, COMPLETIONS_PATH, GuardError, check_body
 
 POLICY = GuardPolicy(api_key="k3y", max_tokens=64, max_prompt_chars=100, max_body_bytes=2048, reject_seed=True)
 
@@ -130,13 +127,16 @@ def test_s3_request_log_writes_one_object_per_batch(s3_server):
 class _App:
     """Stands in for vLLM's app: records what reached it and answers with a fixed body."""
 
-    def __init__(self, chunks=(b'{"choices": [{"message": {"content": "ok"}}]}',)):
-        self.chunks, self.seen = chunks, []
+    def __init__(self, chunks=(b'{"choices": [{"message": {"content": "ok"}}]}',), status=200):
+        self.chunks, self.seen, self.status = chunks, [], status
 
     async def __call__(self, scope, receive, send):
         message = await receive()
         self.seen.append((scope, message.get("body", b"")))
-        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.accept"})
+            return
+        await send({"type": "http.response.start", "status": self.status, "headers": []})
         for i, chunk in enumerate(self.chunks):
             await send({"type": "http.response.body", "body": chunk, "more_body": i < len(self.chunks) - 1})
 
@@ -194,3 +194,73 @@ def test_middleware_logs_prompt_and_streamed_completion(tmp_path):
     assert status == 200 and body == b"".join(events)  # stream passed through unchanged
     (row,) = log._rows
     assert row["messages"] == [{"role": "user", "content": "What is 2+2?"}] and row["completion"] == "42"
+
+
+@pytest.mark.parametrize("key, value, code", [
+    ("max_tokens", 65.0, "invalid_type"), ("max_tokens", "65", "invalid_type"), ("max_tokens", True, "invalid_type"),
+    ("max_tokens", -1, "invalid_value"), ("max_tokens", 0, "invalid_value"),
+    ("max_completion_tokens", 64.5, "invalid_type"), ("max_completion_tokens", "8", "invalid_type"),
+    ("n", 2.0, "invalid_type"), ("n", 0, "invalid_value"), ("best_of", "3", "invalid_type"),
+])
+def test_limits_are_typed(key, value, code):
+    """#17 item 2: before, only int values were compared, so 65.0, "65", true and negatives passed."""
+    with pytest.raises(GuardError) as e:
+        check_body(CHAT_PATH, _chat(**{key: value}), POLICY)
+    assert (e.value.status, e.value.param, e.value.code) == (400, key, code)
+
+
+def test_n_copies_count_against_the_token_limit():
+    with pytest.raises(GuardError, match=r"max_tokens=40 x 2 completions exceeds .* 64"):
+        check_body(CHAT_PATH, _chat(max_tokens=40, n=2), POLICY)
+    with pytest.raises(GuardError, match=r"x 3 completions"):
+        check_body(COMPLETIONS_PATH, {"prompt": "1+1=", "max_tokens": 30, "best_of": 3}, POLICY)
+    assert check_body(CHAT_PATH, _chat(max_tokens=32, n=2), POLICY)["max_tokens"] == 32
+    assert check_body(CHAT_PATH, _chat(n=4), POLICY)["max_tokens"] == 16  # the filled-in cap is split
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/messages", "/invocations", "/tokenize", "/v1/embeddings",
+                                  "/metrics", "/v1/audio/transcriptions"])
+def test_unlisted_routes_are_404_before_the_engine(path):
+    """#17 item 1: every other route vLLM mounts reached the engine unguarded."""
+    app = _App()
+    status, body = _call(GuardMiddleware(app, policy=POLICY), path, json.dumps({"input": "hi"}).encode(), AUTH)
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found" and not app.seen
+
+
+def test_websockets_need_the_key_too():
+    """#17 item 3: websocket scopes were passed through without auth."""
+    app = _App()
+    mw = GuardMiddleware(app, policy=POLICY)
+    sent = []
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    for headers, admitted in (([], False), (AUTH, True)):
+        sent.clear()
+        scope = {"type": "websocket", "path": CHAT_PATH, "headers": headers}
+        asyncio.run(mw(scope, receive, send))
+        assert (sent == [{"type": "websocket.close", "code": 1008}]) is not admitted
+
+
+def test_a_non_loopback_bind_without_key_is_refused():
+    from service.guard import ExposedWithoutKey, check_exposure
+
+    check_exposure("127.0.0.1", None, False)
+    check_exposure("0.0.0.0", "k", False)
+    check_exposure("0.0.0.0", None, True)
+    with pytest.raises(ExposedWithoutKey, match="serving.allow_unauthenticated"):
+        check_exposure("0.0.0.0", None, False)
+
+
+def test_engine_errors_reach_clients_without_internals(caplog):
+    """#17 item 4: a 500's body (exception text) is logged under a request id, not sent."""
+    app = _App(status=500, chunks=[b"Traceback ... ValueError: secret internals"])
+    status, body = _call(GuardMiddleware(app, policy=POLICY), CHAT_PATH, json.dumps(_chat()).encode(), AUTH)
+    err = json.loads(body)["error"]
+    assert status == 500 and err["type"] == "server_error" and "internals" not in body.decode()
+    request_id = err["message"].rsplit("id ", 1)[1].rstrip(")")
+    assert any(request_id in r.message and "secret internals" in r.message for r in caplog.records)

@@ -30,6 +30,9 @@ class PipelineConfig(StrictModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; artifacts go to runs_root/name.")
     runs_root: Location = Field("runs", description="Parent of every run directory; local or s3://.")
+    trust_remote_code: bool = Field(
+        False, description="Allow models whose repository ships Python code (custom architectures) to run it. "
+        "Off: no stage runs it, and serving.engine_kwargs may not turn it on.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     generation: GenerationConfig
     distillation: DistillationConfig
@@ -48,6 +51,10 @@ class PipelineConfig(StrictModel):
             self.distillation.data = self.generation.output
         if self.serving.model is None:
             self.serving.model = join(self.distillation.output, "merged")
+        if self.trust_remote_code:
+            self.serving.trust_remote_code = True
+        elif self.serving.trust_remote_code:
+            raise ValueError("serving.trust_remote_code needs trust_remote_code: true at the top of the config")
         return self
 
     @property

@@ -78,6 +78,8 @@ class ServingConfig(EngineMemory):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_key_env: str | None = Field("RAYSTILL_API_KEY", description="Env var holding the API key; unset/empty = no auth.")
     api_key_file: str | None = Field(None, description="File holding the API key (e.g. a mounted Kubernetes Secret).")
+    trust_remote_code: bool = Field(
+        False, description="Set from the pipeline's top-level trust_remote_code: vLLM may run the model's own code.")
     allow_unauthenticated: bool = Field(
         False, description="Serve without an API key on a non-loopback host. Off: such a start is refused.")
     request_log: RequestLogConfig = Field(default_factory=RequestLogConfig)
@@ -91,6 +93,13 @@ class ServingConfig(EngineMemory):
         if bad:
             raise ValueError(f"adapter names must match {_NAME} (letters, digits, '.', '_', '-'): {bad}")
         return adapters
+
+    @model_validator(mode="after")
+    def _no_remote_code_through_engine_kwargs(self):
+        if self.engine_kwargs.get("trust_remote_code") and not self.trust_remote_code:
+            raise ValueError("engine_kwargs.trust_remote_code would run the model repository's own Python code; "
+                             "set trust_remote_code: true at the top of the config to allow it")
+        return self
 
     @model_validator(mode="after")
     def _accelerator_type_needs_gpu(self):

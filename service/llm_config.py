@@ -61,6 +61,8 @@ def engine_kwargs(cfg: ServingConfig, kv_cache_bytes: int | None = None) -> dict
     if cfg.accelerator == "cpu":
         # CPU graph compilation costs minutes at start for no gain on small models.
         kwargs["enforce_eager"] = True
+    if cfg.trust_remote_code:
+        kwargs["trust_remote_code"] = True
     if cfg.adapters:
         kwargs["enable_lora"] = True
         kwargs["max_loras"] = len(cfg.adapters)

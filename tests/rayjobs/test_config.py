@@ -172,3 +172,11 @@ def test_eval_checker_is_checked_at_load():
     assert EvalConfig(checker="numeric").checker == "numeric"
     with pytest.raises(ValueError, match=r"unknown checker 'numerc'; known: \['exact', 'numeric'"):
         EvalConfig(checker="numerc")
+
+
+def test_trust_remote_code_is_one_top_level_switch():
+    base = {"name": "t", "generation": {"teacher": "t", "input": {"path": "in.jsonl"}, "output": "o"},
+            "distillation": {"student": "s", "output": "d"}}
+    assert PipelineConfig.model_validate({**base, "trust_remote_code": True}).serving.trust_remote_code
+    with pytest.raises(ValueError, match="trust_remote_code: true at the top"):
+        PipelineConfig.model_validate({**base, "serving": {"trust_remote_code": True}})

@@ -137,3 +137,14 @@ def test_kv_cache_in_bytes_on_cpu_fraction_on_gpu(tmp_path):
     # engine_kwargs' max_num_seqs bounds the sequences one engine holds at once.
     more = kv_cache_size(_cfg(max_model_len=256, engine_kwargs={"max_num_seqs": 64}), model)
     assert more.bytes > kv.bytes
+
+
+def test_remote_code_only_with_the_top_level_switch():
+    """#17 item 8: engine_kwargs could turn on trust_remote_code unnoticed."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="trust_remote_code: true at the top"):
+        _cfg(engine_kwargs={"trust_remote_code": True})
+    allowed = _cfg(trust_remote_code=True, engine_kwargs={"trust_remote_code": True})
+    assert engine_kwargs(allowed)["trust_remote_code"] is True
+    assert "trust_remote_code" not in engine_kwargs(_cfg())

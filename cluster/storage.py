@@ -122,3 +122,28 @@ def read_bytes(location: str) -> bytes | None:
 def write_json(location: str, data) -> None:
     """``data`` as indented, key-sorted JSON at a local path or s3:// URI (non-JSON values as str)."""
     write_bytes(location, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+# A served location holds only this pointer to the model version it serves (#17: the gate protects
+# what is served). It is replaced in one step: one PUT on S3, a rename on a local disk.
+RELEASE_FILE = "RELEASE.json"
+
+
+def release(served: str, version: str, info: dict) -> None:
+    """Point ``served`` at ``version`` (a complete model directory), atomically."""
+    data = (json.dumps({"version": version, **info}, indent=2, sort_keys=True, default=str) + "\n").encode()
+    target = join(served, RELEASE_FILE)
+    if is_s3(target):
+        write_bytes(target, data)
+        return
+    os.makedirs(served, exist_ok=True)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+
+
+def follow_release(location: str) -> str:
+    """The model directory ``location`` serves: its release's version, or ``location`` itself."""
+    raw = read_bytes(join(location, RELEASE_FILE))
+    return json.loads(raw)["version"] if raw else location

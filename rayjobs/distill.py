@@ -1,12 +1,14 @@
 """Job: distillation (``python -m rayjobs.distill --config FILE``).
 
-Wires the stage: generated shards -> Ray Data -> ``TorchTrainer`` (``rayjobs.distillation``: ``engine`` on the driver, ``worker`` with DeepSpeed
-in every worker) -> merged HF student -> held-out eval + gate -> curves and ``summary.json``.
+Wires the stage: generated shards -> Ray Data -> ``TorchTrainer`` (``rayjobs.distillation``: ``engine``
+on the driver, ``worker`` with DeepSpeed in every worker) -> merged HF student (a new version) ->
+held-out eval + gate -> only a passing version is released to ``merged/`` -> curves, ``summary.json``.
 
 Layout under ``distillation.output`` (local or s3://)::
 
     checkpoints/<run name>/   Ray Train run: DeepSpeed checkpoints, rerun with the same name resumes
-    merged/                   the student, LoRA merged in: safetensors + tokenizer + chat template
+    versions/<run>-<time>/    each training's student, LoRA merged in: safetensors + tokenizer + chat template
+    merged/RELEASE.json       what serving serves: the last version that passed the gate (one atomic write)
     curves.jsonl, curves.png  one row per optimizer step (loss terms, LR, tokens/s)
     eval.json                 held-out report (rayjobs.distillation.evaluate) with the gate verdict
     summary.json              what run() returns
@@ -19,7 +21,7 @@ import sys
 import time
 
 from cluster.connect import ray_init
-from cluster.storage import join, read_bytes, write_json
+from cluster.storage import join, read_bytes, release, write_json
 from rayjobs.config import DISTILL_DIGEST_EXCLUDE, PipelineConfig
 from rayjobs.distillation import engine, plan
 from rayjobs.distillation.checkpoints import check_layout, checkpoint_layout
@@ -128,7 +130,7 @@ def run(cfg: PipelineConfig, log=print) -> dict:
     (``passed`` + per-threshold ``checks``), ``config_digest``, ``wall_s``. A failed gate is
     reported, not raised: the caller decides whether to deploy.
     """
-    from rayjobs.distillation.curves import steady_tokens_per_s, write_curves
+    from rayjobs.distillation.curves import write_curves
 
     d = cfg.distillation
     plan.check_supported(d)
@@ -139,12 +141,28 @@ def run(cfg: PipelineConfig, log=print) -> dict:
     curves = {"jsonl": join(output, "curves.jsonl"), "png": join(output, "curves.png")}
     write_curves(history, curves["jsonl"], curves["png"], title=f"{cfg.name}: distillation")
     merged = state["final"]["merged"]
-    log(f"distill: trained {state['step']} steps, merged student at {merged}; evaluating")
+    log(f"distill: trained {state['step']} steps, candidate student at {merged}; evaluating")
     report = evaluate(cfg, merged)
     eval_path = join(output, "eval.json")
     write_json(eval_path, report)
+    served = join(output, "merged")
+    if report["gate"]["passed"]:
+        release(served, merged, {"run": cfg.name, "eval": eval_path, "gate": report["gate"]})
+    summary = _summary(cfg, state, report, curves, served, eval_path) | {"wall_s": time.perf_counter() - started}
+    write_json(join(output, "summary.json"), summary)
+    verdict = "PASSED" if report["gate"]["passed"] else "FAILED"
+    log(f"distill: eval em={report.get('em')} teacher_agreement={report.get('teacher_agreement')} "
+        f"perplexity={report.get('perplexity')}; gate {verdict}"
+        + (f"; {served} now serves it" if report["gate"]["passed"] else f"; {served} unchanged")
+        + f"; summary at {join(output, 'summary.json')}")
+    return summary
+
+
+def _summary(cfg: PipelineConfig, state: dict, report: dict, curves: dict, served: str, eval_path: str) -> dict:
+    from rayjobs.distillation.curves import steady_tokens_per_s
+
     final = state["final"]
-    summary = {
+    return {
         "run": cfg.name,
         "config_digest": cfg.digest(exclude=DISTILL_DIGEST_EXCLUDE),
         "steps": state["step"],
@@ -152,28 +170,24 @@ def run(cfg: PipelineConfig, log=print) -> dict:
         "epochs_completed": state["epoch"],
         "rows": state["rows"],
         "tokens": state["tokens"],
-        "train_tokens_per_s": steady_tokens_per_s(history),
+        "train_tokens_per_s": steady_tokens_per_s(state["history"]),
         "final_loss": {k: final.get(k) for k in ("loss", "ce", "kd")},
         "val": {k: v for k, v in final.items() if k.startswith("val_")},
         "restarts": state["attempt"],
         "restored_from_steps": state["restored_from"],
-        "merged": merged,
+        "merged": state["final"]["merged"],
+        "served": served,
+        "released": report["gate"]["passed"],
         "checkpoint": state["checkpoint"],
         "curves": curves,
         "eval": {k: report.get(k) for k in ("n", "em", "token_f1", "teacher_agreement", "perplexity", "tokens_per_s")},
         "student_em_after": report.get("em"),
         "teacher_agreement": report.get("teacher_agreement"),
-        "loss_kind": d.loss.kind,
+        "loss_kind": cfg.distillation.loss.kind,
         "context": state["context"],
         "eval_report": eval_path,
         "gate": report["gate"],
-        "wall_s": time.perf_counter() - started,
     }
-    write_json(join(output, "summary.json"), summary)
-    verdict = "PASSED" if report["gate"]["passed"] else "FAILED"
-    log(f"distill: eval em={report.get('em')} teacher_agreement={report.get('teacher_agreement')} "
-        f"perplexity={report.get('perplexity')}; gate {verdict}; summary at {join(output, 'summary.json')}")
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

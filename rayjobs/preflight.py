@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from cluster.errors import UserError
 from cluster.model_refs import ModelFacts, check_model
-from cluster.storage import join
+from cluster.storage import follow_release, join
 from rayjobs.config import PipelineConfig
 from rayjobs.refs import resolve_data
 
@@ -68,7 +68,7 @@ def run_preflight(cfg: PipelineConfig, config_path: str, command: str, log=print
     """Raise ``PreflightFailed`` naming every problem; otherwise print what the models are."""
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}")
-    facts = {f: check_model(resolve_data(ref)) for f, ref in _models(cfg, command).items() if ref}
+    facts = {f: check_model(follow_release(resolve_data(ref))) for f, ref in _models(cfg, command).items() if ref}
     problems = {f: m.problems for f, m in facts.items()}
     problems.update(_data_problems(cfg, command))
     lines = [f"{config_path}: {f}: {p}" for f, ps in problems.items() for p in ps]

@@ -26,7 +26,7 @@ from cluster.connect import is_embedded, ray_init
 from cluster.kv_cache import engine_failures_explained, preflight
 from rayjobs.kuberay import APP_NAME  # one application name, locally and in the RayService
 from cluster.ports import free_port
-from cluster.storage import is_s3
+from cluster.storage import follow_release, is_s3
 from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
 from rayjobs.refs import resolve_model
@@ -97,7 +97,7 @@ def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
     check_exposure(serving.host, load_api_key(serving.api_key_env, serving.api_key_file), serving.allow_unauthenticated)
     if serving.model and not is_s3(serving.model):
         # The app gets a path: it never resolves named references (demo:) itself.
-        serving = serving.model_copy(update={"model": resolve_model(serving.model)})
+        serving = serving.model_copy(update={"model": follow_release(resolve_model(serving.model))})
         if is_embedded(cfg.cluster):
             preflight(kv_cache_size(serving, serving.model), KV_SETTING, serving.model,
                       engines=max(1, serving.autoscaling.min_replicas))

@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.deployment import LLMServer
 
-from cluster.storage import is_s3, localize
+from cluster.storage import follow_release, is_s3, localize
 from service.config import ServingConfig
 from service.guard import GuardMiddleware, GuardPolicy, RequestLog, check_exposure
 from service.llm_config import adapter_model_id, kv_cache_size, llm_config_kwargs
@@ -90,7 +90,8 @@ def build_llm_config(cfg: ServingConfig) -> LLMConfig:
         raise ValueError("serving.model is not set (the pipeline config fills it with the merged student)")
     # s3://: ray.serve.llm downloads it on each replica's node. Named references (demo:) were
     # resolved to a path by the job before it built this app.
-    resolved = cfg.model if is_s3(cfg.model) else localize(cfg.model)
+    version = follow_release(cfg.model)
+    resolved = version if is_s3(version) else localize(version)
     kv = kv_cache_size(cfg, resolved)
     if kv is not None:
         log.info("KV cache %.3f GiB per replica (%s)", kv.gib, kv.how)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.kv_cache import KVCacheSize, resolve_kv_cache
-from cluster.storage import is_s3
 from service.config import ServingConfig
 
 # Engine arguments that ray.serve.llm sets itself (from model_loading_config) and rejects.
@@ -31,11 +30,6 @@ OVERLOAD_RETRY_AFTER_S = 1.0
 
 def adapter_model_id(model_id: str, adapter: str) -> str:
     return f"{model_id}{LORA_SEPARATOR}{adapter}"
-
-
-def model_source(cfg: ServingConfig, resolved_model: str) -> str:
-    """An s3:// model is left to ray.serve.llm, which downloads it on each replica's node."""
-    return cfg.model if cfg.model and is_s3(cfg.model) else resolved_model
 
 
 def max_num_seqs(cfg: ServingConfig) -> int:
@@ -116,7 +110,7 @@ def llm_config_kwargs(cfg: ServingConfig, resolved_model: str, kv_cache_bytes: i
     s3:// models are passed through)."""
     engine = engine_kwargs(cfg, kv_cache_bytes)
     kwargs: dict[str, Any] = {
-        "model_loading_config": {"model_id": cfg.model_id, "model_source": model_source(cfg, resolved_model)},
+        "model_loading_config": {"model_id": cfg.model_id, "model_source": resolved_model},
         "engine_kwargs": engine,
         "placement_group_config": placement_group_config(cfg, engine),
         "deployment_config": deployment_config(cfg),

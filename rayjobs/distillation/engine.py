@@ -42,6 +42,14 @@ def build_datasets(files: list[str], fs, columns: list[str], stats: dict[str, in
     return out
 
 
+def candidate_location(d: DistillationConfig, run_name: str) -> str:
+    """A fresh directory for this training's merged student: never the served one (``merged/``
+    points at a version only after it passed the gate)."""
+    import time
+
+    return join(absolute(d.output), "versions", f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
 def build_loop_config(d: DistillationConfig, run_name: str, *, student: str, teacher: str | None,
                       total_steps: int, storage: str, has_val: bool, max_seq_len: int) -> dict:
     """What every worker gets: the stage config, resolved paths and the step plan."""
@@ -51,7 +59,7 @@ def build_loop_config(d: DistillationConfig, run_name: str, *, student: str, tea
         "teacher": teacher,
         "max_seq_len": max_seq_len,
         "total_steps": total_steps,
-        "merged_location": join(absolute(d.output), "merged"),
+        "merged_location": candidate_location(d, run_name),
         "run_dir": join(storage, run_name),
         "has_val": has_val,
     }

@@ -40,3 +40,17 @@ def test_localize_refetches_objects_replaced_at_the_same_uri(s3_server, tmp_path
     s3_server.put_object(Bucket="localize", Key="model/weights.bin", Body=b"newer")
     second = Path(localize("s3://localize/model", cache_root=str(tmp_path)))
     assert (second / "weights.bin").read_bytes() == b"newer"
+
+
+def test_release_points_the_served_location_at_a_version_atomically(tmp_path, s3_server):
+    from cluster.storage import RELEASE_FILE, follow_release, release
+
+    served = str(tmp_path / "merged")
+    assert follow_release(served) == served  # nothing released: the location itself (older layout)
+    release(served, "/runs/x/versions/a", {"gate": {"passed": True}})
+    release(served, "/runs/x/versions/b", {"gate": {"passed": True}})
+    assert follow_release(served) == "/runs/x/versions/b"
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [RELEASE_FILE]  # no temp file left
+    s3_server.create_bucket(Bucket="rel")
+    release("s3://rel/run/merged", "s3://rel/run/versions/a", {})
+    assert follow_release("s3://rel/run/merged") == "s3://rel/run/versions/a"

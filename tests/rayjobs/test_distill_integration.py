@@ -190,7 +190,9 @@ def test_zero2_lora_kd_survives_a_worker_crash(world, crashed_run):
     assert eval_report["gate"] == summary["gate"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 8
 
-    merged = out / "merged"
+    merged = Path(summary["merged"])
+    assert merged.parent == out / "versions" and summary["released"]
+    assert json.loads((out / "merged" / "RELEASE.json").read_text())["version"] == str(merged)
     assert (merged / "model.safetensors").exists()
     assert "chat_template" in json.loads((merged / "tokenizer_config.json").read_text())
     assert not list(merged.glob("adapter_*")), "LoRA must be merged, not saved as an adapter"
@@ -271,14 +273,16 @@ def test_zero3_full_finetune_packed_two_workers_on_s3(world, ray_local, s3_serve
     assert state["final"]["val_tokens"] > 0
     keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket="distill-z3", Prefix="distill/")["Contents"]}
     assert "distill/checkpoints/z3full/step_00000002/COMMITTED" in keys
-    assert {"distill/merged/model.safetensors", "distill/merged/tokenizer_config.json"} <= keys
+    version = state["final"]["merged"].removeprefix("s3://distill-z3/")
+    assert {f"{version}/model.safetensors", f"{version}/tokenizer_config.json"} <= keys
+    assert not any(k.startswith("distill/merged/") for k in keys)  # train() releases nothing: run() does
 
     import torch
     from transformers import AutoModelForCausalLM
 
     local = world / "z3-merged"
     local.mkdir()
-    _, merged_root = filesystem("s3://distill-z3/distill/merged")
+    _, merged_root = filesystem(state["final"]["merged"])
     pafs.copy_files(merged_root, str(local), source_filesystem=s3, destination_filesystem=pafs.LocalFileSystem())
     merged = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(world / "student", dtype=torch.float32)

@@ -102,8 +102,12 @@ def test_every_artifact_is_on_s3(s3_run):
     assert "manifest.json" in generated and any(k.startswith("samples/") for k in generated)
     distill = _keys(client, "distill/")
     assert any(k.startswith("checkpoints/") for k in distill), sorted(distill)[:20]
-    assert {"merged/config.json", "merged/tokenizer.json"} <= distill
-    assert any(k.startswith("merged/") and k.endswith(".safetensors") for k in distill)
+    assert "merged/RELEASE.json" in distill  # the served location: a pointer to the released version
+    versions = {k.split("/")[1] for k in distill if k.startswith("versions/")}
+    assert len(versions) == 1, sorted(distill)
+    (version,) = versions
+    assert {f"versions/{version}/config.json", f"versions/{version}/tokenizer.json"} <= distill
+    assert any(k.startswith(f"versions/{version}/") and k.endswith(".safetensors") for k in distill)
     run = _keys(client, "runs/s3-demo/")
     assert {"summary.json", "report.md", "em.png"} <= run, sorted(run)
 

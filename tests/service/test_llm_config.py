@@ -67,11 +67,12 @@ def test_engine_kwargs_cannot_rename_the_model(key):
         engine_kwargs(_cfg(engine_kwargs={key: "x"}))
 
 
-def test_model_source_s3_is_left_to_ray_local_is_resolved():
+def test_model_source_is_the_resolved_version():
+    """The app resolves the served location (its release, then a local path or s3://) before this."""
     local = llm_config_kwargs(_cfg(model="demo:student"), "/cache/demo/student")
     assert local["model_loading_config"] == {"model_id": "raystill-student", "model_source": "/cache/demo/student"}
-    s3 = llm_config_kwargs(_cfg(model="s3://bucket/run/merged"), "ignored")
-    assert s3["model_loading_config"]["model_source"] == "s3://bucket/run/merged"
+    s3 = llm_config_kwargs(_cfg(model="s3://bucket/run/merged"), "s3://bucket/run/versions/v1")
+    assert s3["model_loading_config"]["model_source"] == "s3://bucket/run/versions/v1"
 
 
 @pytest.mark.parametrize("bad, needle", [

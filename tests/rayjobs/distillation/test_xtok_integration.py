@@ -129,7 +129,8 @@ def test_feature_distillation_with_online_teacher_across_tokenizers(tiny_world, 
     assert summary["steps"] == 4 and "student_em_after" in summary and "teacher_agreement" in summary
     assert summary["context"] == {"limit": 128, "policy": "truncate", "over_limit": 0, "truncated": 0, "dropped": 0}
 
-    merged = out / "merged"
+    merged = Path(summary["merged"])
+    assert summary["released"] and json.loads((out / "merged" / "RELEASE.json").read_text())["version"] == str(merged)
     with safe_open(str(merged / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     with safe_open(str(Path(tiny_world.student) / "model.safetensors"), "pt") as f:
@@ -180,3 +181,27 @@ def test_context_policy_drop_filters_in_the_dataset(xtok_world, ray_local):
     kept = build_datasets(store.sample_files(), store.fs, ["input_ids"], stats, drop_over=1000)
     dropped = build_datasets(store.sample_files(), store.fs, ["input_ids"], stats, drop_over=50)
     assert kept["train"].count() == 40 and dropped["train"].count() == 0
+
+
+def test_a_student_below_the_gate_never_becomes_what_is_served(tiny_world, xtok_world, ray_local):
+    """#17 item 9: before, the merged student was written over the served location before its eval.
+
+    A first run passes its gate and is released to ``out/merged``; a second run into the same output
+    with an unreachable gate leaves ``merged/`` and the version it points at byte-identical.
+    """
+    from rayjobs.config import load_config
+    from rayjobs.distill import run
+
+    def snapshot(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    base = {"loss": {"kind": "data"}, "optim": {"lr": 3e-3, "max_steps": 2, "micro_batch_size": 8}}
+    first = run(load_config(write_config(tiny_world, xtok_world, "gate-pass", {**base, "output": str(xtok_world / "gate")})))
+    served = xtok_world / "gate" / "merged"
+    assert first["released"] and json.loads((served / "RELEASE.json").read_text())["version"] == first["merged"]
+    before = {"served": snapshot(served), "version": snapshot(Path(first["merged"]))}
+
+    failing = {**base, "output": str(xtok_world / "gate"), "gate": {"min_em": 1.0, "min_teacher_agreement": 1.0}}
+    second = run(load_config(write_config(tiny_world, xtok_world, "gate-fail", failing)))
+    assert not second["gate"]["passed"] and not second["released"] and second["merged"] != first["merged"]
+    assert {"served": snapshot(served), "version": snapshot(Path(first["merged"]))} == before

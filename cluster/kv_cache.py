@@ -24,7 +24,7 @@ from pydantic import Field
 
 from cluster.config import StrictModel
 from cluster.errors import UserError
-from cluster.storage import join, read_bytes
+from cluster.model_refs import read_model_file
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -87,7 +87,7 @@ def derived_kv_cache_bytes(hf_config: dict, max_model_len: int | None, max_num_s
 
 def read_model_config(model_dir: str) -> dict:
     """``config.json`` of a local or s3:// model directory."""
-    data = read_bytes(join(model_dir, "config.json"))
+    data = read_model_file(model_dir, "config.json")
     if data is None:
         raise UserError(f"{model_dir}: no config.json (is it a Hugging Face model directory?)")
     return json.loads(data)

@@ -32,6 +32,20 @@ def is_hub_id(ref: str) -> bool:
     return not is_s3(ref) and not os.path.exists(ref) and bool(HUB_ID.match(ref))
 
 
+def read_model_file(ref: str, name: str) -> bytes | None:
+    """One small file of a model (local dir, s3:// or hub id: the hub cache, or a download with
+    ``HF_TOKEN`` unless ``HF_HUB_OFFLINE``); None when it is not there."""
+    if not is_hub_id(ref):
+        return read_bytes(join(ref, name))
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(ref, name, token=os.environ.get("HF_TOKEN") or None)
+    except Exception:  # not in the cache offline, not on the hub, no access: all "not there" here
+        return None
+    return _read_path(path)
+
+
 def _facts(config: dict, tokenizer_config: dict | None) -> dict:
     text = {**config, **config.get("text_config", {})}
     return {

@@ -21,7 +21,8 @@ import sys
 import time
 
 from cluster.connect import ray_init
-from cluster.storage import join, read_bytes, release, write_json
+from cluster.model_refs import read_model_file
+from cluster.storage import join, release, write_json
 from rayjobs.config import DISTILL_DIGEST_EXCLUDE, PipelineConfig
 from rayjobs.distillation import engine, plan
 from rayjobs.distillation.checkpoints import check_layout, checkpoint_layout
@@ -30,8 +31,8 @@ from rayjobs.refs import resolve_data
 
 
 def model_config(location: str) -> dict:
-    """A model directory's ``config.json`` (local or s3://), without fetching the weights."""
-    return json.loads(read_bytes(join(location, "config.json")))
+    """A model's ``config.json`` (local, s3:// or hub id), without fetching the weights."""
+    return json.loads(read_model_file(location, "config.json"))
 
 
 def data_stats(data: str, context_limit: int) -> dict[str, int]:

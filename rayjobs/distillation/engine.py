@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+from cluster.model_refs import is_hub_id
 from cluster.ray_data import read_parquet
 from cluster.storage import filesystem, is_s3, join
 from rayjobs.distillation.checkpoints import STATE_FILE
@@ -18,8 +19,8 @@ CRASH_ENV = "RAYSTILL_TEST_CRASH_AT_STEP"
 
 
 def absolute(location: str) -> str:
-    """Workers run in other directories: local paths go to them absolute."""
-    return location if is_s3(location) else os.path.abspath(location)
+    """Workers run in other directories: local paths go to them absolute (s3:// and hub ids as they are)."""
+    return location if is_s3(location) or is_hub_id(location) else os.path.abspath(location)
 
 
 def build_datasets(files: list[str], fs, columns: list[str], stats: dict[str, int],

@@ -76,6 +76,7 @@ class GuardedLLMServer(LLMServer):
             policy=self._policy,
             request_log=self._request_log,
             include_completions=self._serving.request_log.include_completions,
+            redact_pii=self._serving.request_log.redact_pii,
         )
         return app
 

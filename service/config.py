@@ -51,6 +51,8 @@ class RequestLogConfig(StrictModel):
     enabled: bool = Field(False, description="Append served chat prompts as {id, messages} JSONL rows.")
     path: Location | None = Field(None, description="Directory (local or s3://) that receives the JSONL files.")
     include_completions: bool = Field(False, description="Also store the served answer (field 'completion').")
+    redact_pii: bool = Field(True, description="Replace e-mails, phone numbers, ID-card and card numbers and IPs "
+                             "with tags before anything is written (cluster/pii.py).")
     batch_rows: int = Field(256, ge=1, description="Rows per write; on s3:// each batch is one object.")
     flush_interval_s: float = Field(30.0, gt=0, description="A partial batch is written after this long.")
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.errors import UserError
+from cluster.pii import redact, redact_messages
 from service.limits import CHAT_PATH, GENERATE_PATHS, OPEN_PATHS, GuardError, check_body, check_route
 from service.limits import text as message_text
 
@@ -99,19 +100,25 @@ def check_auth(headers: dict[bytes, bytes], api_key: str | None) -> None:
         raise GuardError(401, "invalid API key", code="invalid_api_key")
 
 
-def log_row(body: dict, request_id: str) -> dict | None:
-    """A chat request as a generation-stage input row ``{"id", "messages"}``; None if it could not be one."""
+# What a teacher's chat template accepts: an optional system turn first, then user/assistant turns
+# ending with the user's. Anything else would be a row the next generation run cannot render.
+LOGGED_ROLES = ("system", "user", "assistant")
+
+
+def log_row(body: dict, request_id: str, redact_pii: bool = False) -> dict | None:
+    """A chat request as a generation-stage input row ``{"id", "messages"}``; None if it could not be one
+    (roles other than system/user/assistant, a system turn after the first, no final user turn)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return None
     out = []
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in LOGGED_ROLES or (m["role"] == "system" and i > 0):
             return None
         out.append({"role": m["role"], "content": message_text(m.get("content"))})
-    if out[-1]["role"] != "user":  # the generation stage needs a user turn to answer
+    if out[-1]["role"] != "user" or not out[-1]["content"].strip():  # generation needs a user turn to answer
         return None
-    return {"id": request_id, "messages": out}
+    return {"id": request_id, "messages": redact_messages(out) if redact_pii else out}
 
 
 def completion_text(chunks: list[bytes], streamed: bool) -> str | None:
@@ -251,9 +258,9 @@ class GuardMiddleware:
     """ASGI middleware: ``app.add_middleware(GuardMiddleware, policy=..., request_log=...)``."""
 
     def __init__(self, app, *, policy: GuardPolicy, request_log: RequestLog | None = None,
-                 include_completions: bool = False):
+                 include_completions: bool = False, redact_pii: bool = True):
         self.app, self.policy, self.request_log = app, policy, request_log
-        self.include_completions = include_completions
+        self.include_completions, self.redact_pii = include_completions, redact_pii
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -288,7 +295,7 @@ class GuardMiddleware:
         receive_body = receive if raw is None else replay
         row = None
         if self.request_log is not None and scope["path"] == CHAT_PATH and body is not None:
-            row = log_row(body, f"req-{uuid.uuid4().hex}")
+            row = log_row(body, f"req-{uuid.uuid4().hex}", self.redact_pii)
         if row is None:
             await self.app(scope, receive_body, send)
         elif not self.include_completions:
@@ -344,4 +351,4 @@ class GuardMiddleware:
         if status == 200:
             text = completion_text(chunks, streamed)
             if text is not None:
-                self.request_log.add({**row, "completion": text})
+                self.request_log.add({**row, "completion": redact(text) if self.redact_pii else text})

@@ -264,3 +264,19 @@ def test_engine_errors_reach_clients_without_internals(caplog):
     assert status == 500 and err["type"] == "server_error" and "internals" not in body.decode()
     request_id = err["message"].rsplit("id ", 1)[1].rstrip(")")
     assert any(request_id in r.message and "secret internals" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "tool", "content": "x"}, {"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "a"}, {"role": "system", "content": "late system"}, {"role": "user", "content": "b"}],
+    [{"role": "developer", "content": "x"}, {"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "  "}],
+])
+def test_request_log_keeps_only_rows_a_chat_template_renders(messages):
+    """#17 item 5: any client could log role sequences the teacher's template refuses."""
+    assert log_row({"messages": messages}, "r") is None
+
+
+def test_request_log_redacts_before_writing():
+    row = log_row({"messages": [{"role": "user", "content": "I am a@b.io, 13812345678"}]}, "r", redact_pii=True)
+    assert row["messages"][0]["content"] == "I am [EMAIL], [PHONE]"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.specifiers import SpecifierSet
 
 from rayjobs import kuberay
 from cluster.manifests import (
@@ -332,12 +333,27 @@ def test_check_mode_reports_a_stale_manifest(tmp_path, capsys):
 # ------------------------------------------------------------- the image
 
 
-def test_dockerfile_builds_on_the_pinned_ray_llm_image():
+def test_dockerfile_builds_on_the_pinned_ray_images():
     dockerfile = (ROOT / "cluster" / "Dockerfile").read_text()
     base = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.MULTILINE)[1]
-    python = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
-    assert base == f"rayproject/ray-llm:{RAY_VERSION}-py311-cu128" and ">=3.11" in python
+    cpu_base = re.search(r"--build-arg BASE_IMAGE=(\S+)", dockerfile)[1]
+    python = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    # Ray builds its LLM image for Python 3.12 and CUDA 13.0 only (see the Dockerfile's header).
+    assert base == f"rayproject/ray-llm:{RAY_VERSION}-py312-cu130" and "3.12" in python
+    assert cpu_base == f"rayproject/ray:{RAY_VERSION}-py311-cpu" and "3.11" in python
     assert re.search(r"^ARG EXTRA=gpu$", dockerfile, re.MULTILINE)
-    assert 'pip install ".[${EXTRA}]"' in dockerfile
+    assert 'pip install $torch_source ".[${EXTRA}]"' in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "runs", ".cache", ".git", "**/*.env"} <= set(ignored)
+
+
+def test_cpu_image_removes_what_make_env_removes():
+    removed = re.search(r"pip uninstall --quiet -y (.+)", (ROOT / "Makefile").read_text())[1]
+    dockerfile = (ROOT / "cluster" / "Dockerfile").read_text()
+    assert f'if [ "$EXTRA" = cpu ]; then pip uninstall -y {removed}; fi' in dockerfile
+
+
+def test_dockerfile_final_check_imports_modules_that_exist():
+    dockerfile = (ROOT / "cluster" / "Dockerfile").read_text()
+    modules = re.search(r'python -c "import ([^"]+)"', dockerfile)[1].split(", ")
+    assert modules and all((ROOT / f"{m.replace('.', '/')}.py").is_file() for m in modules), modules

@@ -88,6 +88,14 @@ class BackgroundRows:
         return self.ready()
 
 
+def _one_actor():
+    """One actor per stage: each loads its tokenizers once. ``concurrency=1`` meant the same, but
+    Ray 2.51+ logs a deprecation warning for it on every run."""
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(size=1)
+
+
 def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests, kv_cache_bytes: int | None):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -103,7 +111,7 @@ def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests, kv
     out = processor(requests).map(
         StudentStage,
         fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "student_path": student},
-        concurrency=1,
+        compute=_one_actor(),
         num_cpus=0.5,
     )
     # Rows leave in input order, so a rerun writes the same shards in the same order. Training reads
@@ -147,12 +155,12 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
     # The reject pass runs beside the engine pass: run one after the other, its actor start-up and
     # full read of the input came before the engine even started loading (~10 s per run here).
     input_rejects = BackgroundRows(source.flat_map(
-        InputRejects, fn_constructor_kwargs={"cfg": cfg_json, "done": prog.done}, concurrency=1))
+        InputRejects, fn_constructor_kwargs={"cfg": cfg_json, "done": prog.done}, compute=_one_actor()))
 
     assembler = Assembler(cfg.sampling.n, cfg.preprocess.keep, cfg.preprocess.dedupe, prog.done, prog.dedupe_keys)
     requests = source.flat_map(
         PromptStage, fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "done": prog.done},
-        concurrency=1,
+        compute=_one_actor(),
     )
     kv = kv_cache_size(cfg, teacher)
     kv_cache_bytes = kv.bytes if kv else None

@@ -191,6 +191,7 @@ def test_s3_input_and_output_resume_after_kill(tiny_world, s3_server, tmp_path):
     rc, out = _run_job(cfg, env)
     assert rc == 0, out[-3000:]
     assert "resuming" in out
+    assert "``concurrency`` is deprecated" not in out  # our map calls pass compute=
     store = ShardStore("s3://raystill/gen")
     manifest = store.read_manifest()
     ids = store.read_samples(columns=["sample_id"]).column("sample_id").to_pylist()

@@ -18,7 +18,6 @@ from datasets_pipeline.config import GenerationConfig
 from datasets_pipeline.engine import kv_cache_size, processor_kwargs, sampling_params
 from datasets_pipeline.shards import Progress, ShardStore
 from datasets_pipeline.stages import InputRejects, PromptStage, StudentStage, compact_engine_output
-from datasets_pipeline.targets import render_prompt
 
 PROGRESS_EVERY_S = 10.0
 
@@ -121,19 +120,12 @@ def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests, kv
     return out
 
 
-def _retry_requests(rows: list[dict], cfg: GenerationConfig, teacher: str):
+def _retry_requests(rows: list[dict], cfg: GenerationConfig):
+    """Engine-error rows as engine requests again, with the prompt StudentStage put in them."""
     import ray.data
-    from transformers import AutoTokenizer
-    import json
 
-    tok = AutoTokenizer.from_pretrained(teacher)
-    keys = ("prompt_id", "sample_id", "sample_index", "split", "messages", "reference")
-    return ray.data.from_items([
-        {**{k: r[k] for k in keys},
-         "prompt": render_prompt(tok, json.loads(r["messages"])),
-         "sampling_params": sampling_params(cfg)}
-        for r in rows
-    ])
+    keys = ("prompt_id", "sample_id", "sample_index", "split", "messages", "reference", "prompt")
+    return ray.data.from_items([{**{k: r[k] for k in keys}, "sampling_params": sampling_params(cfg)} for r in rows])
 
 
 def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_path: str,
@@ -188,7 +180,7 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
         if not retry or attempt == 2:
             break
         log(f"generation: retrying {len(retry)} samples that failed in the engine")
-        requests = _retry_requests(retry, cfg, teacher)
+        requests = _retry_requests(retry, cfg)
     for bad in input_rejects.rest():
         writer.add_input_reject(bad)
     writer.flush()

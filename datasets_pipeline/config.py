@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cluster.kv_cache import EngineMemory
 from cluster.config import StrictModel
 from cluster.storage import Location
+from datasets_pipeline.answers import CHECKERS
 
 
 
@@ -72,6 +73,14 @@ class PreprocessConfig(StrictModel):
     dedupe: bool = Field(True, description="Set aside repeated (prompt, completion) pairs (counted as 'duplicate').")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of prompts held out as 'val' (by prompt, all samples).")
     split_seed: int = Field(0, description="Seed of the deterministic per-prompt train/val assignment.")
+
+    @field_validator("checker")
+    @classmethod
+    def _known_checker(cls, value: str) -> str:
+        """A misspelt checker would otherwise fail inside the engine's actor, after the engine started."""
+        if value not in CHECKERS:
+            raise ValueError(f"unknown checker {value!r}; known: {', '.join(sorted(CHECKERS))}")
+        return value
 
 
 class GenerationConfig(StrictModel):

@@ -18,7 +18,7 @@ from datasets_pipeline.config import GenerationConfig
 from datasets_pipeline.engine import kv_cache_size, processor_kwargs, sampling_params
 from datasets_pipeline.shards import Progress, ShardStore
 from datasets_pipeline.stages import InputRejects, PromptStage, StudentStage, compact_engine_output
-from datasets_pipeline.targets import render_prompt
+from datasets_pipeline.stats import SPLITS, total
 
 PROGRESS_EVERY_S = 10.0
 
@@ -88,6 +88,14 @@ class BackgroundRows:
         return self.ready()
 
 
+def _one_actor():
+    """One actor per stage: each loads its tokenizers once. ``concurrency=1`` meant the same, but
+    Ray 2.51+ logs a deprecation warning for it on every run."""
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(size=1)
+
+
 def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests, kv_cache_bytes: int | None):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -103,7 +111,7 @@ def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests, kv
     out = processor(requests).map(
         StudentStage,
         fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "student_path": student},
-        concurrency=1,
+        compute=_one_actor(),
         num_cpus=0.5,
     )
     # Rows leave in input order, so a rerun writes the same shards in the same order. Training reads
@@ -113,19 +121,12 @@ def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests, kv
     return out
 
 
-def _retry_requests(rows: list[dict], cfg: GenerationConfig, teacher: str):
+def _retry_requests(rows: list[dict], cfg: GenerationConfig):
+    """Engine-error rows as engine requests again, with the prompt StudentStage put in them."""
     import ray.data
-    from transformers import AutoTokenizer
-    import json
 
-    tok = AutoTokenizer.from_pretrained(teacher)
-    keys = ("prompt_id", "sample_id", "sample_index", "split", "messages", "reference")
-    return ray.data.from_items([
-        {**{k: r[k] for k in keys},
-         "prompt": render_prompt(tok, json.loads(r["messages"])),
-         "sampling_params": sampling_params(cfg)}
-        for r in rows
-    ])
+    keys = ("prompt_id", "sample_id", "sample_index", "split", "messages", "reference", "prompt")
+    return ray.data.from_items([{**{k: r[k] for k in keys}, "sampling_params": sampling_params(cfg)} for r in rows])
 
 
 def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_path: str,
@@ -147,12 +148,12 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
     # The reject pass runs beside the engine pass: run one after the other, its actor start-up and
     # full read of the input came before the engine even started loading (~10 s per run here).
     input_rejects = BackgroundRows(source.flat_map(
-        InputRejects, fn_constructor_kwargs={"cfg": cfg_json, "done": prog.done}, concurrency=1))
+        InputRejects, fn_constructor_kwargs={"cfg": cfg_json, "done": prog.done}, compute=_one_actor()))
 
     assembler = Assembler(cfg.sampling.n, cfg.preprocess.keep, cfg.preprocess.dedupe, prog.done, prog.dedupe_keys)
     requests = source.flat_map(
         PromptStage, fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "done": prog.done},
-        concurrency=1,
+        compute=_one_actor(),
     )
     kv = kv_cache_size(cfg, teacher)
     kv_cache_bytes = kv.bytes if kv else None
@@ -180,7 +181,7 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
         if not retry or attempt == 2:
             break
         log(f"generation: retrying {len(retry)} samples that failed in the engine")
-        requests = _retry_requests(retry, cfg, teacher)
+        requests = _retry_requests(retry, cfg)
     for bad in input_rejects.rest():
         writer.add_input_reject(bad)
     writer.flush()
@@ -190,19 +191,26 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
 
 def _finish_manifest(store: ShardStore, cfg: GenerationConfig, totals: Counter, digest: str,
                      wall: float, tokens_this_run: int, log) -> dict:
-    table = store.read_samples(columns=["split", "teacher_token_ids", "topk_ids", "topk_logprobs"])
-    gen_tokens = sum(len(x) for x in table.column("teacher_token_ids").to_pylist()) if table.num_rows else 0
-    topk_bytes = table.column("topk_ids").nbytes + table.column("topk_logprobs").nbytes if table.num_rows else 0
-    splits = Counter(table.column("split").to_pylist()) if table.num_rows else Counter()
+    """Write and return the manifest, totalled from the progress files' statistics (not the shards).
+
+    ``topk_bytes_per_token`` is ``stats.topk_bytes`` (6 bytes per top-k entry plus 8 bytes of
+    offsets per row: the Arrow ``nbytes`` of the two columns as written) over the generated tokens.
+    It used to be their ``nbytes`` as read back from Parquet, where the reader adds a validity bitmap
+    to the list values (1 bit per entry, k/4 bytes per token for the two columns): the figure is that
+    much lower now for the same data.
+    """
+    stats = store.committed_stats()
+    gen_tokens = total(stats, "generated_tokens")
     manifest = {
         "complete": True,
         "config_digest": digest,
         "output": cfg.output,
         "counts": dict(totals),
-        "rows": {"train": splits.get("train", 0), "val": splits.get("val", 0)},
+        "rows": {split: total(stats, "rows", [split]) for split in SPLITS},
         "generated_tokens": gen_tokens,
         "topk_k": cfg.sampling.logprobs_topk,
-        "topk_bytes_per_token": round(topk_bytes / gen_tokens, 3) if gen_tokens else 0.0,
+        "topk_bytes_per_token": round(total(stats, "topk_bytes") / gen_tokens, 3) if gen_tokens else 0.0,
+        "stats": stats,
         "throughput": {
             "wall_s": round(wall, 2),
             "tokens_this_run": tokens_this_run,

@@ -4,8 +4,8 @@ Layout under the output location::
 
     samples/part-00000.parquet   kept samples (records.SAMPLE_SCHEMA)
     rejects/part-00000.parquet   everything set aside, with the reason
-    progress/part-00000.json     commit marker: prompt ids done, dedupe keys, counts
-    manifest.json                totals, config digest, throughput
+    progress/part-00000.json     commit marker: prompt ids done, dedupe keys, counts, stats
+    manifest.json                totals, config digest, throughput, summed stats
 
 A shard counts only once its progress file exists (written last). Files of a
 shard whose progress file is missing were cut off by an interruption and are
@@ -13,12 +13,16 @@ overwritten by the next run, so a resumed run neither repeats nor misses rows.
 Each progress file names the config digest (generation config + record schema) it
 was written under: resuming under another digest would mix two datasets, so it is
 refused with ``ForeignOutput`` instead.
+
+Each progress file also holds the shard's statistics (``datasets_pipeline.stats``), counted from
+the rows as they are written, so totals come from these small files and never from the shards.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -26,8 +30,10 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from cluster.errors import UserError
-from cluster.storage import filesystem
+from cluster.storage import filesystem, join, read_bytes, write_bytes, write_json
 from datasets_pipeline import records as R
+from datasets_pipeline.stats import COLUMNS as STATS_COLUMNS
+from datasets_pipeline.stats import merge_stats, shard_stats
 
 
 class ForeignOutput(UserError):
@@ -52,20 +58,19 @@ class ShardStore:
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
-    def _write_bytes(self, path: str, data: bytes) -> None:
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(path) as f:
-            f.write(data)
-
     def _read_json(self, path: str) -> dict:
         with self.fs.open_input_stream(path) as f:
             return json.loads(f.read().decode())
 
+    def _progress_entries(self) -> Iterator[dict]:
+        """Every progress file's content, in shard order, one at a time (they list every prompt id)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self._path("progress"), allow_not_found=True))
+        for path in sorted(i.path for i in infos if i.path.endswith(".json")):
+            yield self._read_json(path)
+
     def load_progress(self) -> Progress:
         prog = Progress()
-        infos = self.fs.get_file_info(pafs.FileSelector(self._path("progress"), allow_not_found=True))
-        for info in sorted(i.path for i in infos if i.path.endswith(".json")):
-            entry = self._read_json(info)
+        for entry in self._progress_entries():
             if self.config_digest and entry.get("config_digest") != self.config_digest:
                 raise ForeignOutput(
                     f"{self.location} holds shards of another generation config or record schema "
@@ -81,13 +86,14 @@ class ShardStore:
     def write_shard(self, shard: int, samples: list[dict], rejects: list[dict], done: list[str],
                     dedupe_keys: list[str], counts: dict) -> None:
         name = f"part-{shard:05d}"
+        table = pa.Table.from_pylist(samples, schema=R.SAMPLE_SCHEMA)
         if samples:
-            self._write_table(f"samples/{name}.parquet", pa.Table.from_pylist(samples, schema=R.SAMPLE_SCHEMA))
+            self._write_table(f"samples/{name}.parquet", table)
         if rejects:
             self._write_table(f"rejects/{name}.parquet", pa.Table.from_pylist(rejects, schema=R.REJECT_SCHEMA))
         entry = {"shard": shard, "done": done, "dedupe_keys": dedupe_keys, "counts": dict(counts),
-                 "config_digest": self.config_digest}
-        self._write_bytes(self._path("progress", f"{name}.json"), json.dumps(entry).encode())
+                 "stats": shard_stats(table), "config_digest": self.config_digest}
+        write_bytes(join(self.location, "progress", f"{name}.json"), json.dumps(entry).encode())
 
     def _write_table(self, rel: str, table: pa.Table) -> None:
         path = self._path(*rel.split("/"))
@@ -95,13 +101,35 @@ class ShardStore:
         pq.write_table(table, path, filesystem=self.fs, compression="zstd")
 
     def write_manifest(self, manifest: dict) -> None:
-        self._write_bytes(self._path("manifest.json"), json.dumps(manifest, indent=2, sort_keys=True).encode())
+        write_json(join(self.location, "manifest.json"), manifest)
 
     def read_manifest(self) -> dict | None:
-        try:
-            return self._read_json(self._path("manifest.json"))
-        except (FileNotFoundError, OSError):
-            return None
+        data = read_bytes(join(self.location, "manifest.json"))
+        return None if data is None else json.loads(data)
+
+    def committed_stats(self) -> dict[str, dict]:
+        """The committed shards' statistics, summed from their progress files.
+
+        Progress files written before shards carried statistics have none: those shards alone are
+        recounted from their Parquet (``recount_stats``).
+        """
+        parts, missing = [], []
+        for entry in self._progress_entries():
+            if "stats" in entry:
+                parts.append(entry["stats"])
+            else:
+                missing.append(entry["shard"])
+        return merge_stats(parts + ([self.recount_stats(missing)] if missing else []))
+
+    def recount_stats(self, shards: list[int] | None = None) -> dict[str, dict]:
+        """Statistics counted again from the committed sample shards (all, or those numbered ``shards``).
+
+        The fallback for outputs older than per-shard statistics; reads eight columns of every row.
+        """
+        wanted = None if shards is None else {f"part-{s:05d}.parquet" for s in shards}
+        files = [p for p in self.sample_files() if wanted is None or p.rsplit("/", 1)[-1] in wanted]
+        return merge_stats(shard_stats(pq.read_table(p, filesystem=self.fs, columns=list(STATS_COLUMNS),
+                                                     schema=R.SAMPLE_SCHEMA)) for p in files)
 
     def _committed(self, kind: str) -> list[str]:
         """Parquet files of `kind` whose shard has a progress file (others were cut off)."""

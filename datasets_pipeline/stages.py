@@ -125,6 +125,7 @@ class StudentStage:
 
     def __call__(self, row: dict) -> dict:
         out = {k: row[k] for k in ("prompt_id", "sample_id", "sample_index", "split", "messages", "reference")}
+        out["prompt"] = ""  # the engine request, filled in for engine errors only (see _engine_error)
         try:
             return self._process(row, out)
         except Exception as e:  # one odd sample is set aside, never the end of the run
@@ -156,7 +157,7 @@ class StudentStage:
         # ray.data.llm routes failed rows around our postprocess, raw, with __inference_error__ set.
         error = row.get("__inference_error__")
         if error:
-            return {**out, "status": R.ENGINE_ERROR, "stage": "engine", "detail": str(error)[:500]}
+            return self._engine_error(row, out, error)
         eos = self.teacher_tok.eos_token_id
         hit_limit = len(tokens) >= self.cfg.sampling.max_new_tokens and (not tokens or tokens[-1] != eos)
         if hit_limit and self.cfg.preprocess.drop_truncated:
@@ -180,6 +181,16 @@ class StudentStage:
         if ex.teacher_align and len(topk_ids):
             out["topk_student_ids"] = map_ids(self.vocab_map, topk_ids)
         return out
+
+    def _engine_error(self, row: dict, out: dict, error) -> dict:
+        """An engine error row, carrying its full request ``prompt`` so the driver can retry it as is.
+
+        The row's own ``prompt`` will not do: Ray's engine stage replaces it with its first 500
+        characters in error rows, and the prompts that fail are often the long ones. Rendering it
+        again here, where the teacher tokenizer is already loaded, keeps tokenizers off the driver.
+        """
+        prompt = render_prompt(self.teacher_tok, json.loads(row["messages"]))
+        return {**out, "prompt": prompt, "status": R.ENGINE_ERROR, "stage": "engine", "detail": str(error)[:500]}
 
 
 def map_ids(mapping: np.ndarray, ids) -> np.ndarray:

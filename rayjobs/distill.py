@@ -40,23 +40,24 @@ def data_stats(data: str, context_limit: int) -> dict[str, int]:
 
     ``with_teacher_topk`` counts same-tokenizer rows (``teacher_offset >= 0``) and cross-tokenizer
     rows with an alignment; ``xtok`` the latter; ``over_context`` the rows (any split) longer than
-    ``context_limit`` student tokens.
+    ``context_limit`` student tokens. Read from the manifest's statistics, or summed from the
+    progress files when there is no manifest (or one from before statistics): never from the rows.
     """
-    import pyarrow.compute as pc
-
     from datasets_pipeline.shards import ShardStore
+    from datasets_pipeline.stats import rows_over, total
 
-    table = ShardStore(data).read_samples(["split", "topk_k", "teacher_offset", "teacher_align", "input_ids"])
-    stats = {split: int(pc.sum(pc.equal(table["split"], split)).as_py() or 0) for split in ("train", "val")}
-    xtok = pc.and_(pc.less(table["teacher_offset"], 0),
-                   pc.greater(pc.fill_null(pc.list_value_length(table["teacher_align"]), 0), 0))
-    with_topk = pc.and_(pc.greater(table["topk_k"], 0), pc.or_(pc.greater_equal(table["teacher_offset"], 0), xtok))
-    stats["with_teacher_topk"] = int(pc.sum(with_topk).as_py() or 0)
-    stats["xtok"] = int(pc.sum(pc.and_(pc.greater(table["topk_k"], 0), xtok)).as_py() or 0)
-    over = pc.greater(pc.list_value_length(table["input_ids"]), context_limit)
-    stats["over_context"] = int(pc.sum(over).as_py() or 0)
-    stats["over_context_train"] = int(pc.sum(pc.and_(over, pc.equal(table["split"], "train"))).as_py() or 0)
-    return stats
+    store = ShardStore(data)
+    stats = (store.read_manifest() or {}).get("stats")
+    if stats is None:
+        stats = store.committed_stats()
+    return {
+        "train": total(stats, "rows", ["train"]),
+        "val": total(stats, "rows", ["val"]),
+        "with_teacher_topk": total(stats, "with_teacher_topk"),
+        "xtok": total(stats, "xtok"),
+        "over_context": rows_over(stats, context_limit),
+        "over_context_train": rows_over(stats, context_limit, ["train"]),
+    }
 
 
 def _log_plan(log, d, step_plan, stats: dict[str, int], context: dict) -> None:

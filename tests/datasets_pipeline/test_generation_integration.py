@@ -113,6 +113,41 @@ def test_samples_follow_the_record_schema(local_run):
     assert manifest["topk_bytes_per_token"] <= 8 * 4 + 16
 
 
+def _usable_topk(row: dict) -> bool:
+    return row["topk_k"] > 0 and (row["teacher_offset"] >= 0 or len(row["teacher_align"]) > 0)
+
+
+def test_manifest_figures_equal_a_recount_of_the_shards(local_run):
+    """The manifest is summed from the progress files; here every figure is counted again from the rows."""
+    from collections import Counter
+
+    from rayjobs.distill import data_stats
+
+    _, manifest, store, _ = local_run
+    table = store.read_samples()
+    rows = table.to_pylist()
+    for split in ("train", "val"):
+        part = [r for r in rows if r["split"] == split]
+        assert manifest["rows"][split] == manifest["stats"][split]["rows"] == len(part) > 0
+        assert manifest["stats"][split]["with_teacher_topk"] == sum(map(_usable_topk, part))
+        assert manifest["stats"][split]["xtok"] == sum(_usable_topk(r) and r["teacher_offset"] < 0 for r in part)
+        assert manifest["stats"][split]["input_lengths"] == dict(Counter(str(len(r["input_ids"])) for r in part))
+    tokens = sum(len(r["teacher_token_ids"]) for r in rows)
+    assert manifest["generated_tokens"] == tokens
+    topk_bytes = sum(4 * len(r["topk_ids"]) + 2 * len(r["topk_logprobs"]) + 8 for r in rows)
+    assert manifest["topk_bytes_per_token"] == round(topk_bytes / tokens, 3)
+    # The old figure, Arrow nbytes as read back, also counted the reader's bitmap: k/4 bytes per token.
+    nbytes = table.column("topk_ids").nbytes + table.column("topk_logprobs").nbytes
+    assert 0 <= nbytes / tokens - manifest["topk_bytes_per_token"] <= manifest["topk_k"] / 4 + 0.01
+    assert store.recount_stats() == manifest["stats"]
+    limit = sorted(len(r["input_ids"]) for r in rows)[len(rows) // 2]
+    over = [r for r in rows if len(r["input_ids"]) > limit]
+    assert data_stats(store.location, limit) == {
+        "train": manifest["rows"]["train"], "val": manifest["rows"]["val"],
+        "with_teacher_topk": sum(map(_usable_topk, rows)), "xtok": 0,
+        "over_context": len(over), "over_context_train": sum(r["split"] == "train" for r in over)}
+
+
 def test_rows_are_written_in_input_order(local_run):
     # Input ids train-000000.. are in file order: a rerun writes the same rows in the same order,
     # so a distillation over them can be reproduced.
@@ -191,6 +226,7 @@ def test_s3_input_and_output_resume_after_kill(tiny_world, s3_server, tmp_path):
     rc, out = _run_job(cfg, env)
     assert rc == 0, out[-3000:]
     assert "resuming" in out
+    assert "``concurrency`` is deprecated" not in out  # our map calls pass compute=
     store = ShardStore("s3://raystill/gen")
     manifest = store.read_manifest()
     ids = store.read_samples(columns=["sample_id"]).column("sample_id").to_pylist()

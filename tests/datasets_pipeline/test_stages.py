@@ -54,3 +54,23 @@ def test_cross_tokenizer_rows_carry_alignment_and_mapped_topk(tok_dirs):
             if j >= 0 and student.decode([target[i]]) == teacher.decode([tokens[j]])]
     assert len(same) >= len(target) // 2
     assert all(mapped[j, 0] == target[i] for i, j in same)
+
+
+def test_engine_errors_carry_the_full_request_prompt_for_the_retry(tok_dirs):
+    from datasets_pipeline.targets import render_prompt
+
+    teacher_dir, _, teacher, _ = tok_dirs
+    cfg = {"teacher": teacher_dir, "input": {"path": "x.jsonl"}, "output": "out"}
+    stage = StudentStage(cfg, teacher_dir, teacher_dir)
+    messages = [{"role": "user", "content": "1 + " * 400}]
+    base = {"prompt_id": "p", "sample_id": "p/0", "sample_index": 0, "split": "train",
+            "messages": json.dumps(messages), "reference": None}
+    # What Ray's engine stage leaves in an error row: the prompt cut to 500 characters.
+    failed = stage({**base, "prompt": "cut...[truncated]", "generated_text": "", "generated_tokens": None,
+                    "__inference_error__": "ValueError: prompt too long"})
+    assert failed["status"] == "engine_error" and failed["prompt"] == render_prompt(teacher, messages)
+    ok = stage({**base, "generated_text": "2", "generated_tokens": np.asarray([5], np.int32)})
+    broken = stage({**base, "generated_text": None})
+    # Ray Data builds blocks from these rows: every outcome has the same columns.
+    assert ok["status"] == "ok" and ok["prompt"] == "" and broken["status"] == "preprocess_error"
+    assert set(ok) == set(failed) == set(broken)

@@ -77,6 +77,8 @@ def test_override_does_not_mutate_input():
         (["distillation.teacher.offload=true"], "distillation.teacher: offload requires shard 'zero3'"),
         (["distillation.loss.xtok.method=sorted"], "distillation.loss.xtok.method: Input should be 'vocab_map' or 'uld'"),
         (["distillation.context_policy=cut"], "distillation.context_policy: Input should be 'truncate' or 'drop'"),
+        (["generation.preprocess.checker=numerc"],
+         "generation.preprocess.checker: unknown checker 'numerc'; known: exact, numeric"),
         (["distillation.loss.feature.layer_map=[[1, 2, 3]]"], "distillation.loss.feature.layer_map.0"),
     ],
 )

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from datasets_pipeline.answers import check_answer, split_reasoning
 from rayjobs.demo.task import read_prompts_jsonl
+from rayjobs.distillation.collate import pad_id
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -49,7 +50,7 @@ def generate_completions(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad_id(tokenizer),
             )
             new = out[:, batch["input_ids"].shape[1]:]
             generated += _count_generated(new, tokenizer.eos_token_id)

@@ -91,17 +91,17 @@ def _generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens:
     import torch
 
     from datasets_pipeline.targets import render_prompt
+    from rayjobs.distillation.collate import pad_id
 
     texts, generated = [], 0
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
         for start in range(0, len(conversations), batch_size):
             prompts = [render_prompt(tokenizer, m) for m in conversations[start:start + batch_size]]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.inference_mode():
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer))
             new = out[:, batch["input_ids"].shape[1]:]
             is_eos = (new == tokenizer.eos_token_id).int()
             generated += int(((is_eos.cumsum(1) - is_eos) == 0).sum())
@@ -128,14 +128,13 @@ def _perplexity(model, tokenizer, records: list[dict], batch_size: int, max_seq_
     """
     import torch
 
-    from rayjobs.distillation.collate import CollateSettings, collate, model_inputs
+    from rayjobs.distillation.collate import CollateSettings, collate, model_inputs, pad_id
     from rayjobs.distillation.losses import distill_loss
 
     rows = [r for r in records if r["input_ids"]]
     if not rows or not _speaks_student_tokens(tokenizer, rows[0]):
         return None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    settings = CollateSettings(pad_id=pad, max_seq_len=max_seq_len, with_teacher=False)
+    settings = CollateSettings(pad_id=pad_id(tokenizer), max_seq_len=max_seq_len, with_teacher=False)
     nll, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]

@@ -128,10 +128,12 @@ class TrainerState:
         with open(os.path.join(directory, STATE_FILE), "w") as f:
             json.dump(asdict(self), f)
 
-    @classmethod
-    def load(cls, directory: str) -> TrainerState:
-        with open(os.path.join(directory, STATE_FILE)) as f:
-            return cls(**json.load(f))
+
+def read_trainer_state(checkpoint) -> dict:
+    """The ``TrainerState`` fields of a Ray Train checkpoint, read where it is stored (local or S3)
+    without fetching the DeepSpeed shards beside them."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
+        return json.loads(f.read().decode())
 
 
 class Checkpointer:
@@ -159,11 +161,6 @@ class Checkpointer:
                 f.write(json.dumps({"step": self.state.step}).encode())
 
 
-def _checkpoint_step(checkpoint) -> int:
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
-        return int(json.loads(f.read().decode())["step"])
-
-
 def find_checkpoint(run_dir: str):
     """The newest checkpoint: Ray Train's registered one, or a newer committed one in ``run_dir``.
 
@@ -177,7 +174,7 @@ def find_checkpoint(run_dir: str):
     candidates = []
     registered = ray.train.get_checkpoint()
     if registered is not None:
-        candidates.append((_checkpoint_step(registered), 1, registered))
+        candidates.append((int(read_trainer_state(registered)["step"]), 1, registered))
     fs, dirs = _checkpoint_dirs(run_dir)
     for path in dirs:
         try:
@@ -202,7 +199,7 @@ def restore(engine, state: TrainerState, run_dir: str) -> TrainerState:
                 f"(student, LoRA, feature distillation, ZeRO stage, precision or worker count changed?). "
                 f"Give the run another name or output, or delete {run_dir}. DeepSpeed: {str(e)[:300]}"
             ) from e
-        restored = TrainerState.load(d)
+    restored = TrainerState(**read_trainer_state(checkpoint))
     if restored.step != engine.global_steps:
         raise RuntimeError(f"checkpoint state step {restored.step} != DeepSpeed step {engine.global_steps}")
     restored.attempt += 1

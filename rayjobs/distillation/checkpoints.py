@@ -30,7 +30,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-from cluster.storage import filesystem, join, read_bytes, write_bytes
+from cluster.storage import filesystem, join, read_bytes, write_json
 from cluster.errors import UserError
 
 DS_TAG = "ds"
@@ -97,7 +97,7 @@ def check_layout(run_dir: str, layout: dict, run_name: str) -> None:
         # Checkpoints without a layout file come from a version that did not write one: their
         # layout is unknown, so none is claimed for them.
         if not _has_checkpoints(run_dir):
-            write_bytes(location, json.dumps(layout, sort_keys=True).encode())
+            write_json(location, layout)
         return
     changes = layout_changes(json.loads(raw.decode()), layout)
     if not changes:
@@ -108,7 +108,7 @@ def check_layout(run_dir: str, layout: dict, run_name: str) -> None:
             f"would load them: {'; '.join(changes)}. Give this run another name (--set name=...) or "
             f"another distillation.output, or delete {run_dir} to start over."
         )
-    write_bytes(location, json.dumps(layout, sort_keys=True).encode())  # an earlier start never checkpointed
+    write_json(location, layout)  # an earlier start never checkpointed
 
 
 @dataclass
@@ -125,6 +125,11 @@ class TrainerState:
     final: dict = field(default_factory=dict)
 
     def save(self, directory: str) -> None:
+        """Compact JSON into the local directory that becomes the checkpoint, beside DeepSpeed's shards.
+
+        Plain file I/O, as DeepSpeed's: Ray Train uploads the directory, which is never an S3
+        location; ``cluster.storage.write_json`` would also indent ``history``, a row per step.
+        """
         with open(os.path.join(directory, STATE_FILE), "w") as f:
             json.dump(asdict(self), f)
 
@@ -156,9 +161,7 @@ class Checkpointer:
 
             dist.barrier()
         if self.rank == 0:
-            fs, path = filesystem(join(self.run_dir, name, COMMIT_FILE))
-            with fs.open_output_stream(path) as f:
-                f.write(json.dumps({"step": self.state.step}).encode())
+            write_json(join(self.run_dir, name, COMMIT_FILE), {"step": self.state.step})
 
 
 def find_checkpoint(run_dir: str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import Annotated
 from urllib.parse import urlparse
 
@@ -122,6 +123,16 @@ def read_bytes(location: str) -> bytes | None:
 def write_json(location: str, data) -> None:
     """``data`` as indented, key-sorted JSON at a local path or s3:// URI (non-JSON values as str)."""
     write_bytes(location, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def to_jsonl(rows: Iterable[dict]) -> bytes:
+    """One JSON object per line, keys sorted and non-ASCII text kept as is: every JSONL the stages write."""
+    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode()
+
+
+def write_jsonl(location: str, rows: Iterable[dict]) -> None:
+    """``rows`` as JSONL (``to_jsonl``) at a local path or s3:// URI."""
+    write_bytes(location, to_jsonl(rows))
 
 
 # A served location holds only this pointer to the model version it serves (#17: the gate protects

@@ -6,11 +6,10 @@ Pure formatting plus matplotlib; the pipeline hands in the numbers it measured.
 from __future__ import annotations
 
 import io
-import json
 
 import yaml
 
-from cluster.storage import join, read_bytes, write_bytes
+from cluster.storage import join, read_bytes, write_bytes, write_json
 
 SUMMARY_KEYS = ("teacher_em", "student_em_before", "student_em_after", "passed_gate", "endpoint")
 
@@ -51,7 +50,7 @@ def summary_table(summary: dict) -> str:
 
 def write_report(run_dir: str, summary: dict, config: dict, manifest: dict | None, curves_png: str | None) -> str:
     """Write summary.json, report.md and plots under run_dir; returns the report location."""
-    write_bytes(join(run_dir, "summary.json"), json.dumps(summary, indent=2, sort_keys=True).encode())
+    write_json(join(run_dir, "summary.json"), summary)
     em_png = _bar_png("Held-out exact match", ["teacher", "student before", "student after"],
                       [summary.get("teacher_em"), summary.get("student_em_before"), summary.get("student_em_after")],
                       "EM")

@@ -143,7 +143,12 @@ def completion_text(chunks: list[bytes], streamed: bool) -> str | None:
 
 class RequestLog:
     """Buffered JSONL writer: local directories get one appended file per process,
-    s3:// prefixes one object per batch (objects cannot be appended to)."""
+    s3:// prefixes one object per batch (objects cannot be appended to).
+
+    Objects are written straight to the filesystem, not with ``cluster.storage.write_bytes``: that
+    one creates parent "directories", which on S3 are empty marker objects in the very prefix the
+    generation stage reads as its input.
+    """
 
     def __init__(self, location: str, batch_rows: int = 256, flush_interval_s: float = 30.0):
         from cluster.storage import filesystem, is_s3
@@ -174,11 +179,13 @@ class RequestLog:
             await asyncio.to_thread(self.flush)
 
     def flush(self) -> int:
+        from cluster.storage import to_jsonl
+
         with self._lock:
             rows, self._rows = self._rows, []
             if not rows:
                 return 0
-            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+            data = to_jsonl(rows)
             try:
                 if self._s3:
                     self._seq += 1

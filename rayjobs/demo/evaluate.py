@@ -1,14 +1,11 @@
-"""Held-out exact match by batched greedy HF generation.
+"""Held-out exact match by batched greedy HF generation (``rayjobs.distillation.evaluate.generate_greedy``).
 
 Used while the demo teacher trains (early stop) and afterwards to measure teacher and students.
-HF generate instead of vLLM because it runs in-process in a couple of seconds on tiny models,
-where a vLLM engine would spend ~30 s starting.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 
 import torch
@@ -16,55 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from datasets_pipeline.answers import check_answer, split_reasoning
 from rayjobs.demo.task import read_prompts_jsonl
+from rayjobs.distillation.evaluate import generate_greedy
 
 DEFAULT_MAX_NEW_TOKENS = 64
-
-
-@torch.inference_mode()
-def generate_completions(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: Sequence[list[dict[str, str]]],
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    batch_size: int = 128,
-) -> tuple[list[str], int]:
-    """Greedy completions (special tokens dropped) and the number of tokens generated.
-
-    Left padding so every row's prompt ends at the same position and generation appends to all of
-    them in lockstep.
-    """
-    was_training = model.training
-    model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    texts, generated = [], 0
-    try:
-        for start in range(0, len(conversations), batch_size):
-            prompts = [
-                tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
-                for m in conversations[start:start + batch_size]
-            ]
-            batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new = out[:, batch["input_ids"].shape[1]:]
-            generated += _count_generated(new, tokenizer.eos_token_id)
-            texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return texts, generated
-
-
-def _count_generated(new: torch.Tensor, eos_id: int) -> int:
-    """Tokens up to and including each row's first eos; what follows is batch padding."""
-    is_eos = (new == eos_id).int()
-    eos_before = is_eos.cumsum(1) - is_eos
-    return int((eos_before == 0).sum())
 
 
 def score(completions: Sequence[str], references: Sequence[str], checker: str = "exact") -> float:
@@ -89,15 +40,11 @@ def exact_match_records(
     checker: str = "exact",
 ) -> dict:
     """EM of an in-memory model on prompt records (``messages`` or ``prompt``, and ``answer``)."""
-    start = time.perf_counter()
-    completions, generated = generate_completions(
-        model, tokenizer, [_messages(r) for r in records], max_new_tokens, batch_size
-    )
-    seconds = time.perf_counter() - start
+    generations = generate_greedy(model, tokenizer, [_messages(r) for r in records], max_new_tokens, batch_size)
     return {
-        "em": score(completions, [r["answer"] for r in records], checker),
+        "em": score(generations.texts, [r["answer"] for r in records], checker),
         "n": len(records),
-        "tokens_per_s": generated / seconds if seconds > 0 else 0.0,
+        "tokens_per_s": generations.tokens_per_s or 0.0,
     }
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rayjobs.distillation.collate import pad_id
+
 IGNORE_INDEX = -100
 
 
@@ -90,7 +92,7 @@ def train_causal_lm(
     for step in range(1, settings.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1, settings)
-        batch = collate([next(examples) for _ in range(settings.batch_size)], tokenizer.pad_token_id)
+        batch = collate([next(examples) for _ in range(settings.batch_size)], pad_id(tokenizer))
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rayjobs.distillation.collate import CollateSettings, collate, model_inputs
+from rayjobs.distillation.collate import CollateSettings, collate, model_inputs, pad_id
 from rayjobs.distillation.config import DistillationConfig
 from rayjobs.distillation.feature_losses import (
     FeatureProjector,
@@ -148,9 +148,8 @@ class WorkerLoss:
 def build(cfg: DistillationConfig, total_steps: int, student_tok, student_config, max_seq_len: int,
           teacher_dir: str | None, teacher_tok=None) -> WorkerLoss:
     """Collate, projections and loss for this run's configuration (see the module docstring)."""
-    pad_id = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
     stored_kd = cfg.loss.kind == "logit" and not cfg.online_teacher
-    settings = CollateSettings(pad_id=pad_id, max_seq_len=max_seq_len, packing=cfg.optim.packing,
+    settings = CollateSettings(pad_id=pad_id(student_tok), max_seq_len=max_seq_len, packing=cfg.optim.packing,
                                with_teacher=stored_kd, xtok_map=cfg.loss.xtok.method == "vocab_map")
     loss = BatchLoss(cfg, total_steps)
     if not cfg.online_teacher:
@@ -158,11 +157,10 @@ def build(cfg: DistillationConfig, total_steps: int, student_tok, student_config
     from transformers import AutoConfig
 
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
-    t_pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
     tokens = TeacherTokens(student_tok, teacher_tok, teacher_config.max_position_embeddings)
     projector = None
     if cfg.loss.kind == "feature":
         loss.feature = feature_settings(cfg, student_config.num_hidden_layers, teacher_config.num_hidden_layers)
         torch.manual_seed(cfg.seed)  # every rank builds the same projections
         projector = FeatureProjector(student_config.hidden_size, teacher_config.hidden_size, len(loss.feature.pairs))
-    return WorkerLoss(loss, OnlineCollate(settings, tokens, t_pad), projector, teacher_dir)
+    return WorkerLoss(loss, OnlineCollate(settings, tokens, pad_id(teacher_tok)), projector, teacher_dir)

@@ -30,7 +30,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-from cluster.storage import filesystem, join, read_bytes, write_bytes
+from cluster.storage import filesystem, join, read_bytes, write_json
 from cluster.errors import UserError
 
 DS_TAG = "ds"
@@ -97,7 +97,7 @@ def check_layout(run_dir: str, layout: dict, run_name: str) -> None:
         # Checkpoints without a layout file come from a version that did not write one: their
         # layout is unknown, so none is claimed for them.
         if not _has_checkpoints(run_dir):
-            write_bytes(location, json.dumps(layout, sort_keys=True).encode())
+            write_json(location, layout)
         return
     changes = layout_changes(json.loads(raw.decode()), layout)
     if not changes:
@@ -108,7 +108,7 @@ def check_layout(run_dir: str, layout: dict, run_name: str) -> None:
             f"would load them: {'; '.join(changes)}. Give this run another name (--set name=...) or "
             f"another distillation.output, or delete {run_dir} to start over."
         )
-    write_bytes(location, json.dumps(layout, sort_keys=True).encode())  # an earlier start never checkpointed
+    write_json(location, layout)  # an earlier start never checkpointed
 
 
 @dataclass
@@ -125,13 +125,20 @@ class TrainerState:
     final: dict = field(default_factory=dict)
 
     def save(self, directory: str) -> None:
+        """Compact JSON into the local directory that becomes the checkpoint, beside DeepSpeed's shards.
+
+        Plain file I/O, as DeepSpeed's: Ray Train uploads the directory, which is never an S3
+        location; ``cluster.storage.write_json`` would also indent ``history``, a row per step.
+        """
         with open(os.path.join(directory, STATE_FILE), "w") as f:
             json.dump(asdict(self), f)
 
-    @classmethod
-    def load(cls, directory: str) -> TrainerState:
-        with open(os.path.join(directory, STATE_FILE)) as f:
-            return cls(**json.load(f))
+
+def read_trainer_state(checkpoint) -> dict:
+    """The ``TrainerState`` fields of a Ray Train checkpoint, read where it is stored (local or S3)
+    without fetching the DeepSpeed shards beside them."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
+        return json.loads(f.read().decode())
 
 
 class Checkpointer:
@@ -154,14 +161,7 @@ class Checkpointer:
 
             dist.barrier()
         if self.rank == 0:
-            fs, path = filesystem(join(self.run_dir, name, COMMIT_FILE))
-            with fs.open_output_stream(path) as f:
-                f.write(json.dumps({"step": self.state.step}).encode())
-
-
-def _checkpoint_step(checkpoint) -> int:
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
-        return int(json.loads(f.read().decode())["step"])
+            write_json(join(self.run_dir, name, COMMIT_FILE), {"step": self.state.step})
 
 
 def find_checkpoint(run_dir: str):
@@ -177,7 +177,7 @@ def find_checkpoint(run_dir: str):
     candidates = []
     registered = ray.train.get_checkpoint()
     if registered is not None:
-        candidates.append((_checkpoint_step(registered), 1, registered))
+        candidates.append((int(read_trainer_state(registered)["step"]), 1, registered))
     fs, dirs = _checkpoint_dirs(run_dir)
     for path in dirs:
         try:
@@ -202,7 +202,7 @@ def restore(engine, state: TrainerState, run_dir: str) -> TrainerState:
                 f"(student, LoRA, feature distillation, ZeRO stage, precision or worker count changed?). "
                 f"Give the run another name or output, or delete {run_dir}. DeepSpeed: {str(e)[:300]}"
             ) from e
-        restored = TrainerState.load(d)
+    restored = TrainerState(**read_trainer_state(checkpoint))
     if restored.step != engine.global_steps:
         raise RuntimeError(f"checkpoint state step {restored.step} != DeepSpeed step {engine.global_steps}")
     restored.attempt += 1

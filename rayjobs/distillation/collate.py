@@ -47,6 +47,15 @@ BASE_COLUMNS = ("input_ids", "prompt_len", "teacher_offset")
 TEACHER_COLUMNS = ("topk_k", "topk_ids", "topk_logprobs", "teacher_align", "topk_student_ids")
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its eos.
+
+    Many causal-LM tokenizers (GPT-2, Llama) define no pad token. Padded positions are masked out
+    of attention and labels, so the filler only has to be a valid id of the model's vocabulary.
+    """
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @dataclass(frozen=True)
 class CollateSettings:
     pad_id: int

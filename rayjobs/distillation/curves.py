@@ -3,37 +3,16 @@
 Rows are plain dicts written by the train loop's rank 0: ``step`` (1-based optimizer step),
 ``loss``, ``ce``, ``kd`` (token means over the step's micro-batches), ``lr`` (the LR of the
 base group for that update), ``tokens``, ``tokens_per_s``, ``epoch`` and ``attempt`` (0 for the
-first start, +1 for each restart from a checkpoint). Writing goes through pyarrow's filesystem
-layer, so the output may be local or s3://.
+first start, +1 for each restart from a checkpoint). Writing goes through ``cluster.storage``,
+so the output may be local or s3://.
 """
 
 from __future__ import annotations
 
 import io
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-from cluster.storage import filesystem
-from cluster.storage import write_bytes as _write_bytes
-
-
-def to_jsonl(rows: Iterable[dict]) -> bytes:
-    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
-
-
-def from_jsonl(data: bytes | str) -> list[dict]:
-    text = data.decode() if isinstance(data, bytes) else data
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def write_jsonl(rows: Iterable[dict], location: str) -> None:
-    _write_bytes(location, to_jsonl(rows))
-
-
-def read_jsonl(location: str) -> list[dict]:
-    fs, path = filesystem(location)
-    with fs.open_input_stream(path) as f:
-        return from_jsonl(f.read())
+from cluster.storage import write_bytes, write_jsonl
 
 
 def render_png(rows: Sequence[dict], title: str = "") -> bytes:
@@ -70,9 +49,9 @@ def render_png(rows: Sequence[dict], title: str = "") -> bytes:
 
 
 def write_curves(rows: Sequence[dict], jsonl_location: str, png_location: str, title: str = "") -> None:
-    write_jsonl(rows, jsonl_location)
+    write_jsonl(jsonl_location, rows)
     if rows:
-        _write_bytes(png_location, render_png(rows, title))
+        write_bytes(png_location, render_png(rows, title))
 
 
 def steady_tokens_per_s(rows: Sequence[dict], skip: int = 2) -> float | None:

@@ -6,13 +6,12 @@ as a Ray task. Thin wiring around the pure ``plan`` and the worker; the job
 
 from __future__ import annotations
 
-import json
 import os
 
 from cluster.model_refs import is_hub_id
 from cluster.ray_data import read_parquet
 from cluster.storage import filesystem, is_s3, join
-from rayjobs.distillation.checkpoints import STATE_FILE
+from rayjobs.distillation.checkpoints import read_trainer_state
 from rayjobs.distillation.config import DistillationConfig
 
 CRASH_ENV = "RAYSTILL_TEST_CRASH_AT_STEP"
@@ -85,11 +84,6 @@ def run_config(d: DistillationConfig, run_name: str, storage: str):
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         **kwargs,
     )
-
-
-def read_trainer_state(checkpoint) -> dict:
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
-        return json.loads(f.read().decode())
 
 
 def fit(d: DistillationConfig, run_name: str, loop_config: dict, datasets: dict, storage: str) -> dict:

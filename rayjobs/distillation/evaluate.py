@@ -12,7 +12,8 @@ the student's vocabulary, which gives four measures:
 * ``tokens_per_s``: greedy generation throughput (transformers batched ``generate``, left padding).
 
 HF generate rather than vLLM: tiny students evaluate in seconds in-process, where a vLLM engine
-would spend ~30 s starting. ``check_gate`` and the metric helpers are pure.
+would spend ~30 s starting. ``generate_greedy`` is also the demo world's evaluation
+(``rayjobs.demo.evaluate``). ``check_gate`` and the metric helpers are pure.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from datasets_pipeline.answers import check_answer, normalize_answer, split_reasoning
 from rayjobs.distillation.config import GateConfig
@@ -86,29 +88,56 @@ def select_eval_records(table, limit: int | None) -> list[dict]:
     return first[:limit] if limit else first
 
 
-def _generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int):
-    """Greedy completions and the number of tokens generated (up to each row's first eos)."""
+@dataclass(frozen=True)
+class Generations:
+    """Greedy completions (special tokens dropped), the tokens generated and the seconds it took."""
+
+    texts: list[str]
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+
+def count_generated(new, eos_id: int) -> int:
+    """Tokens up to and including each row's first eos; what follows is batch padding."""
+    is_eos = (new == eos_id).int()
+    return int(((is_eos.cumsum(1) - is_eos) == 0).sum())
+
+
+def generate_greedy(model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int,
+                    batch_size: int) -> Generations:
+    """Batched greedy completions of chat ``conversations`` (the held-out eval and the demo world's).
+
+    Left padding so every row's prompt ends at the same position and generation appends to all of
+    them in lockstep. The model generates in eval mode and gets its mode back: the demo teacher is
+    evaluated in the middle of its training.
+    """
     import torch
 
     from datasets_pipeline.targets import render_prompt
+    from rayjobs.distillation.collate import pad_id
 
-    texts, generated = [], 0
+    was_training = model.training
+    model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts, generated, start = [], 0, time.perf_counter()
     try:
-        for start in range(0, len(conversations), batch_size):
-            prompts = [render_prompt(tokenizer, m) for m in conversations[start:start + batch_size]]
+        for first in range(0, len(conversations), batch_size):
+            prompts = [render_prompt(tokenizer, m) for m in conversations[first:first + batch_size]]
             batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.inference_mode():
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer))
             new = out[:, batch["input_ids"].shape[1]:]
-            is_eos = (new == tokenizer.eos_token_id).int()
-            generated += int(((is_eos.cumsum(1) - is_eos) == 0).sum())
+            generated += count_generated(new, tokenizer.eos_token_id)
             texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
-    return texts, generated
+        model.train(was_training)
+    return Generations(texts, generated, time.perf_counter() - start)
 
 
 def _speaks_student_tokens(tokenizer, record: dict) -> bool:
@@ -128,14 +157,13 @@ def _perplexity(model, tokenizer, records: list[dict], batch_size: int, max_seq_
     """
     import torch
 
-    from rayjobs.distillation.collate import CollateSettings, collate, model_inputs
+    from rayjobs.distillation.collate import CollateSettings, collate, model_inputs, pad_id
     from rayjobs.distillation.losses import distill_loss
 
     rows = [r for r in records if r["input_ids"]]
     if not rows or not _speaks_student_tokens(tokenizer, rows[0]):
         return None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    settings = CollateSettings(pad_id=pad, max_seq_len=max_seq_len, with_teacher=False)
+    settings = CollateSettings(pad_id=pad_id(tokenizer), max_seq_len=max_seq_len, with_teacher=False)
     nll, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -171,19 +199,18 @@ def evaluate_model(
                 "tokens_per_s": None, "note": "no 'val' rows in the shards (generation.preprocess.val_fraction)"}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    conversations = [json.loads(r["messages"]) for r in records]
-    start = time.perf_counter()
-    completions, generated = _generate(model, tokenizer, conversations, max_new_tokens, batch_size)
-    seconds = time.perf_counter() - start
+    generations = generate_greedy(model, tokenizer, [json.loads(r["messages"]) for r in records], max_new_tokens,
+                                  batch_size)
+    completions = generations.texts
     report.update(answer_metrics(completions, [r["reference"] for r in records], [r["answer"] for r in records],
                                  checker))
     report.update(
         # Never past the model's own positions (distillation.context_policy truncates training alike).
         perplexity=_perplexity(model, tokenizer, records, batch_size,
                                min(max_seq_len, getattr(model.config, "max_position_embeddings", max_seq_len))),
-        generated_tokens=generated,
-        generation_s=seconds,
-        tokens_per_s=generated / seconds if seconds > 0 else None,
+        generated_tokens=generations.tokens,
+        generation_s=generations.seconds,
+        tokens_per_s=generations.tokens_per_s,
         examples=[{"prompt_id": r["prompt_id"], "reference": r["reference"], "teacher": r["answer"],
                    "student": split_reasoning(c)[1], "completion": c}
                   for r, c in zip(records[:num_examples], completions, strict=False)],

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from cluster.storage import write_json
 from rayjobs.distillation.config import LoraConfig
 
 
@@ -80,7 +81,7 @@ def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir:
         config_path = tmp / "tokenizer_config.json"
         config = json.loads(config_path.read_text())
         config["chat_template"] = tokenizer.chat_template
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_json(str(config_path), config)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from cluster.storage import filesystem, is_s3, localize
+from cluster.storage import filesystem, is_s3, localize, read_bytes, write_bytes
 from rayjobs.distillation import batch_loss
 from rayjobs.distillation.deepspeed_config import build_deepspeed_config
 from rayjobs.distillation.config import DistillationConfig
@@ -124,12 +124,9 @@ def _crash_hook(config: dict, step: int, rank: int) -> None:
     crash_at, marker = config.get("crash_at_step"), config.get("crash_marker")
     if rank != 0 or crash_at is None or step != crash_at or not marker:
         return
-    fs, path = filesystem(marker)
-    if fs.get_file_info(path).type.name != "NotFound":
+    if read_bytes(marker) is not None:
         return
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(f"crashed at step {step}\n".encode())
+    write_bytes(marker, f"crashed at step {step}\n".encode())
     print(f"[raystill test hook] rank 0 exits at step {step}", flush=True)
     os._exit(1)
 

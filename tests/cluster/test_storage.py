@@ -42,6 +42,18 @@ def test_localize_refetches_objects_replaced_at_the_same_uri(s3_server, tmp_path
     assert (second / "weights.bin").read_bytes() == b"newer"
 
 
+def test_jsonl_rows_round_trip_with_sorted_keys_and_text_as_is(tmp_path):
+    import json
+
+    from cluster.storage import read_bytes, to_jsonl, write_jsonl
+
+    rows = [{"step": 1, "loss": 2.5}, {"id": "r1", "messages": [{"role": "user", "content": "größer?"}]}]
+    assert to_jsonl(rows).decode().splitlines()[0] == '{"loss": 2.5, "step": 1}'
+    assert "größer" in to_jsonl(rows).decode()
+    write_jsonl(str(tmp_path / "out" / "rows.jsonl"), rows)
+    assert [json.loads(line) for line in read_bytes(str(tmp_path / "out" / "rows.jsonl")).splitlines()] == rows
+
+
 def test_release_points_the_served_location_at_a_version_atomically(tmp_path, s3_server):
     from cluster.storage import RELEASE_FILE, follow_release, release
 

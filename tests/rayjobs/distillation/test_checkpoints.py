@@ -1,10 +1,19 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from rayjobs.distillation.checkpoints import LayoutChanged
 from rayjobs.distillation.config import DistillationConfig
-from rayjobs.distillation.checkpoints import LAYOUT_FILE, STATE_FILE, check_layout, checkpoint_layout, layout_changes
+from rayjobs.distillation.checkpoints import (
+    LAYOUT_FILE,
+    STATE_FILE,
+    TrainerState,
+    check_layout,
+    checkpoint_layout,
+    layout_changes,
+    read_trainer_state,
+)
 
 
 def _d(**over) -> DistillationConfig:
@@ -53,3 +62,13 @@ def test_checkpoints_older_than_the_layout_file_get_no_layout_claimed(tmp_path):
     _checkpoint(run_dir)
     check_layout(str(run_dir), checkpoint_layout(_d(lora={"enabled": True})), "run")
     assert not (run_dir / LAYOUT_FILE).exists()
+
+
+def test_trainer_state_reads_back_from_where_the_checkpoint_is_stored(tmp_path):
+    from pyarrow import fs
+
+    state = TrainerState(step=4, epoch=1, batches_in_epoch=3, tokens=99, attempt=1, restored_from=[2],
+                         history=[{"step": 4, "loss": 1.5}], final={"loss": 1.5})
+    state.save(str(tmp_path))
+    checkpoint = SimpleNamespace(filesystem=fs.LocalFileSystem(), path=str(tmp_path))  # as ray.train.Checkpoint
+    assert TrainerState(**read_trainer_state(checkpoint)) == state

@@ -1,5 +1,7 @@
 """Collation: shifted labels, teacher top-k alignment, packing. Pure, no engines."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from rayjobs.distillation.collate import (
     collate,
     model_inputs,
     pack_first_fit,
+    pad_id,
     shifted_labels,
 )
 from rayjobs.distillation.losses import LossSettings, TopKTeacher, distill_loss
@@ -200,3 +203,9 @@ def test_packed_forward_matches_padded_forward():
     # Same multiset of rows; compare sorted by first logit to avoid depending on packing order.
     order = lambda x: x[torch.argsort(x[:, 0])]  # noqa: E731
     torch.testing.assert_close(order(got), order(want), atol=1e-4, rtol=1e-4)
+
+
+def test_pad_id_falls_back_to_eos_for_tokenizers_without_a_pad_token():
+    assert pad_id(SimpleNamespace(pad_token_id=3, eos_token_id=7)) == 3
+    assert pad_id(SimpleNamespace(pad_token_id=0, eos_token_id=7)) == 0
+    assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7

@@ -31,6 +31,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _kv_cache_lines(cfg) -> list[str]:
     """The KV cache each engine will get, as comment lines (derived sizes depend on the model)."""
+    from cluster.storage import follow_release
     from datasets_pipeline.engine import kv_cache_size as generation_kv
     from rayjobs.refs import existing_model
     from service.llm_config import kv_cache_size as serving_kv
@@ -44,7 +45,7 @@ def _kv_cache_lines(cfg) -> list[str]:
         if model is None:
             lines.append(f"# {setting}: derived when the engine starts, from {ref} (not there yet)")
             continue
-        kv = size(model)
+        kv = size(follow_release(model))
         resolved = "unset: vLLM's gpu_memory_utilization (GPU)" if kv is None else f"{kv.gib:.4f} ({kv.how})"
         lines.append(f"# {setting} resolved: {resolved}")
     return lines

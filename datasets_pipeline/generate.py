@@ -184,6 +184,11 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
         requests = _retry_requests(retry, cfg)
     for bad in input_rejects.rest():
         writer.add_input_reject(bad)
+    incomplete = assembler.close()
+    if incomplete.prompt_ids:
+        log(f"generation: {len(incomplete.prompt_ids)} prompts did not get all {cfg.sampling.n} samples; "
+            "set aside as incomplete_samples")
+    writer.add(incomplete)
     writer.flush()
     wall = time.perf_counter() - start
     return _finish_manifest(store, cfg, writer.totals, config_digest, wall, tokens, log)

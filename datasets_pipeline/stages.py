@@ -37,6 +37,8 @@ class InputRejects:
     def __call__(self, row: dict) -> list[dict]:
         if row["source"] in self.done:
             return []
+        if row.get("error"):  # a file, or the rest of one, that could not be read (sources)
+            return [{"source": row["source"], "stage": "input", "reason": row["error"], "detail": None}]
         try:
             to_prompt(parse_json_line(row["raw"]), self.cfg.input)
         except Rejected as e:

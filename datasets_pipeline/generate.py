@@ -148,7 +148,8 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
     # The reject pass runs beside the engine pass: run one after the other, its actor start-up and
     # full read of the input came before the engine even started loading (~10 s per run here).
     input_rejects = BackgroundRows(source.flat_map(
-        InputRejects, fn_constructor_kwargs={"cfg": cfg_json, "done": prog.done}, compute=_one_actor()))
+        InputRejects, fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "done": prog.done},
+        compute=_one_actor()))
 
     assembler = Assembler(cfg.sampling.n, cfg.preprocess.keep, cfg.preprocess.dedupe, prog.done, prog.dedupe_keys)
     requests = source.flat_map(

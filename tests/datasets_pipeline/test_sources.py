@@ -8,7 +8,7 @@ import pytest
 
 from datasets_pipeline.config import GenerationConfig
 from datasets_pipeline.sources import _table_rows, read_source
-from datasets_pipeline.stages import InputRejects
+from datasets_pipeline import stages
 
 GOOD = [{"id": f"g{i}", "messages": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)}
         for i in range(5)]
@@ -30,8 +30,18 @@ def _cfg(path) -> dict:
     return GenerationConfig(teacher="t", input={"path": str(path)}, output="out").model_dump(mode="json")
 
 
+class PlainTemplate:
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(m["content"] for m in messages)
+
+
+@pytest.fixture(autouse=True)
+def _teacher(monkeypatch):
+    monkeypatch.setattr(stages, "_load_tokenizer", lambda path: PlainTemplate())
+
+
 def _rejects(rows, path) -> dict[str, str]:
-    check = InputRejects(_cfg(path))
+    check = stages.InputRejects(_cfg(path), "teacher")
     return {r["source"]: r["reason"] for row in rows for r in check(row)}
 
 

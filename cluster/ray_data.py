@@ -1,4 +1,4 @@
-"""How every stage reads Parquet with Ray Data (generation's sources, distillation's shards)."""
+"""How distillation reads its Parquet shards with Ray Data (generation reads its inputs file by file: sources)."""
 
 from __future__ import annotations
 

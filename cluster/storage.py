@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterable
 from typing import Annotated
 from urllib.parse import urlparse
@@ -100,12 +101,26 @@ def localize(location: str, cache_root: str | None = None) -> str:
     return dest
 
 
-def write_bytes(location: str, data: bytes) -> None:
-    """Write one object/file at a local path or s3:// URI, creating parent directories."""
+def write_bytes(location: str, data: bytes, atomic: bool = False) -> None:
+    """Write one object/file at a local path or s3:// URI, creating parent directories.
+
+    ``atomic``: readers see the old content or the new, never a part. Commit markers need it: a
+    process killed mid-write left a torn local file that the next run failed to parse. Locally the
+    data goes to a temporary file beside the target, then ``os.replace``; an S3 PUT is already
+    all-or-nothing.
+    """
     fs, path = filesystem(location)
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.create_dir(parent, recursive=True)
+    if atomic and not is_s3(location):
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
     with fs.open_output_stream(path) as f:
         f.write(data)
 
@@ -120,9 +135,9 @@ def read_bytes(location: str) -> bytes | None:
         return None
 
 
-def write_json(location: str, data) -> None:
+def write_json(location: str, data, atomic: bool = False) -> None:
     """``data`` as indented, key-sorted JSON at a local path or s3:// URI (non-JSON values as str)."""
-    write_bytes(location, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
+    write_bytes(location, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode(), atomic)
 
 
 def to_jsonl(rows: Iterable[dict]) -> bytes:
@@ -142,16 +157,7 @@ RELEASE_FILE = "RELEASE.json"
 
 def release(served: str, version: str, info: dict) -> None:
     """Point ``served`` at ``version`` (a complete model directory), atomically."""
-    data = (json.dumps({"version": version, **info}, indent=2, sort_keys=True, default=str) + "\n").encode()
-    target = join(served, RELEASE_FILE)
-    if is_s3(target):
-        write_bytes(target, data)
-        return
-    os.makedirs(served, exist_ok=True)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, target)
+    write_json(join(served, RELEASE_FILE), {"version": version, **info}, atomic=True)
 
 
 def follow_release(location: str) -> str:

@@ -4,7 +4,8 @@ Samples of one prompt arrive out of order from the engine pool. A prompt is
 *complete* once all its ``n`` samples have arrived (kept or filtered); only then
 is rejection sampling applied (to ``train`` prompts only) and the prompt written,
 so an interrupted run never leaves a half-written prompt behind and a resumed run
-regenerates whole prompts.
+regenerates whole prompts. A prompt whose samples never all arrive is set aside whole when the
+stream ends (``close``), so the end of generation accounts for every prompt.
 Pure bookkeeping: no Ray, no I/O.
 """
 
@@ -61,6 +62,23 @@ class Assembler:
             del self.pending[pid]
             self.done.add(pid)
             out.extend(self._finish(pid, group))
+        return out
+
+    def close(self) -> Completed:
+        """The prompts still waiting for samples when the stream ended, rejected whole.
+
+        Without this they stayed pending, were written nowhere and the manifest still said complete.
+        Each of the ``n`` sample ids (arrived or not) becomes one ``incomplete_samples`` reject, so
+        kept + set aside still adds up to ``n`` per prompt; the prompt is committed as done.
+        """
+        out = Completed()
+        for pid, group in self.pending.items():
+            arrived = sorted(r["sample_index"] for r in group)
+            detail = f"{len(arrived)} of {self.n} samples arrived (indices {arrived})"
+            out.prompt_ids.append(pid)
+            out.rejects += [reject(f"{pid}/{i}", "assemble", R.INCOMPLETE_SAMPLES, detail) for i in range(self.n)]
+            self.done.add(pid)
+        self.pending = {}
         return out
 
     def _finish(self, pid: str, group: list[dict]) -> Completed:

@@ -73,6 +73,12 @@ class PreprocessConfig(StrictModel):
     dedupe: bool = Field(True, description="Set aside repeated (prompt, completion) pairs (counted as 'duplicate').")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of prompts held out as 'val' (by prompt, all samples).")
     split_seed: int = Field(0, description="Seed of the deterministic per-prompt train/val assignment.")
+    redact_pii: bool = Field(
+        False,
+        description="Replace e-mail addresses, phone numbers, ID-card and card numbers and IP addresses in the "
+                    "input messages (and in input rejects' details) with tags such as [EMAIL] before prompts "
+                    "are rendered (cluster/pii.py); for inputs such as a served request log.",
+    )
 
     @field_validator("checker")
     @classmethod

@@ -148,7 +148,8 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
     # The reject pass runs beside the engine pass: run one after the other, its actor start-up and
     # full read of the input came before the engine even started loading (~10 s per run here).
     input_rejects = BackgroundRows(source.flat_map(
-        InputRejects, fn_constructor_kwargs={"cfg": cfg_json, "done": prog.done}, compute=_one_actor()))
+        InputRejects, fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "done": prog.done},
+        compute=_one_actor()))
 
     assembler = Assembler(cfg.sampling.n, cfg.preprocess.keep, cfg.preprocess.dedupe, prog.done, prog.dedupe_keys)
     requests = source.flat_map(
@@ -184,6 +185,11 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
         requests = _retry_requests(retry, cfg)
     for bad in input_rejects.rest():
         writer.add_input_reject(bad)
+    incomplete = assembler.close()
+    if incomplete.prompt_ids:
+        log(f"generation: {len(incomplete.prompt_ids)} prompts did not get all {cfg.sampling.n} samples; "
+            "set aside as incomplete_samples")
+    writer.add(incomplete)
     writer.flush()
     wall = time.perf_counter() - start
     return _finish_manifest(store, cfg, writer.totals, config_digest, wall, tokens, log)

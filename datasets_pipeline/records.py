@@ -44,7 +44,7 @@ SAMPLE_SCHEMA = pa.schema(
 REJECT_SCHEMA = pa.schema(
     [
         pa.field("source", pa.string(), nullable=False),  # prompt_id, sample_id or file:line
-        pa.field("stage", pa.string(), nullable=False),  # input | engine | filter
+        pa.field("stage", pa.string(), nullable=False),  # input | prompt | engine | preprocess | filter | assemble
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string()),  # truncated raw row or error text
     ]
@@ -60,3 +60,5 @@ UNVERIFIED = "unverified"
 NOT_BEST = "not_best_of_n"
 ENGINE_ERROR = "engine_error"
 PREPROCESS_ERROR = "preprocess_error"
+CHAT_TEMPLATE = "chat_template"  # the teacher's chat template refused the prompt's messages
+INCOMPLETE_SAMPLES = "incomplete_samples"  # the stream ended before all n samples of the prompt came

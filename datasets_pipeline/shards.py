@@ -7,9 +7,10 @@ Layout under the output location::
     progress/part-00000.json     commit marker: prompt ids done, dedupe keys, counts, stats
     manifest.json                totals, config digest, throughput, summed stats
 
-A shard counts only once its progress file exists (written last). Files of a
-shard whose progress file is missing were cut off by an interruption and are
-overwritten by the next run, so a resumed run neither repeats nor misses rows.
+A shard counts only once its progress file exists (written last, atomically) and parses. Files of
+a shard without one were cut off by an interruption: readers ignore them, and the resumed run
+deletes them before it writes that shard again (it may write no samples, or no rejects, where the
+dead run did: the stale file must not be adopted), so a resumed run neither repeats nor misses rows.
 Each progress file names the config digest (generation config + record schema) it
 was written under: resuming under another digest would mix two datasets, so it is
 refused with ``ForeignOutput`` instead.
@@ -63,10 +64,15 @@ class ShardStore:
             return json.loads(f.read().decode())
 
     def _progress_entries(self) -> Iterator[dict]:
-        """Every progress file's content, in shard order, one at a time (they list every prompt id)."""
+        """Every committed progress file's content, in shard order, one at a time (they list every
+        prompt id). A file that does not parse is a commit that never finished (written by a version
+        that wrote markers in place, then killed): its shard is uncommitted and written again."""
         infos = self.fs.get_file_info(pafs.FileSelector(self._path("progress"), allow_not_found=True))
         for path in sorted(i.path for i in infos if i.path.endswith(".json")):
-            yield self._read_json(path)
+            try:
+                yield self._read_json(path)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
 
     def load_progress(self) -> Progress:
         prog = Progress()
@@ -87,13 +93,21 @@ class ShardStore:
                     dedupe_keys: list[str], counts: dict) -> None:
         name = f"part-{shard:05d}"
         table = pa.Table.from_pylist(samples, schema=R.SAMPLE_SCHEMA)
+        self._delete_uncommitted(name)
         if samples:
             self._write_table(f"samples/{name}.parquet", table)
         if rejects:
             self._write_table(f"rejects/{name}.parquet", pa.Table.from_pylist(rejects, schema=R.REJECT_SCHEMA))
         entry = {"shard": shard, "done": done, "dedupe_keys": dedupe_keys, "counts": dict(counts),
                  "stats": shard_stats(table), "config_digest": self.config_digest}
-        write_bytes(join(self.location, "progress", f"{name}.json"), json.dumps(entry).encode())
+        write_bytes(join(self.location, "progress", f"{name}.json"), json.dumps(entry).encode(), atomic=True)
+
+    def _delete_uncommitted(self, name: str) -> None:
+        """Remove a dead run's files of shard ``name`` (it had no progress file, or a torn one)."""
+        paths = [self._path(kind, f"{name}.parquet") for kind in ("samples", "rejects")]
+        for info in self.fs.get_file_info(paths):
+            if info.type == pafs.FileType.File:
+                self.fs.delete_file(info.path)
 
     def _write_table(self, rel: str, table: pa.Table) -> None:
         path = self._path(*rel.split("/"))
@@ -101,7 +115,7 @@ class ShardStore:
         pq.write_table(table, path, filesystem=self.fs, compression="zstd")
 
     def write_manifest(self, manifest: dict) -> None:
-        write_json(join(self.location, "manifest.json"), manifest)
+        write_json(join(self.location, "manifest.json"), manifest, atomic=True)
 
     def read_manifest(self) -> dict | None:
         data = read_bytes(join(self.location, "manifest.json"))
@@ -132,11 +146,8 @@ class ShardStore:
                                                      schema=R.SAMPLE_SCHEMA)) for p in files)
 
     def _committed(self, kind: str) -> list[str]:
-        """Parquet files of `kind` whose shard has a progress file (others were cut off)."""
-        committed = {
-            i.base_name.removesuffix(".json")
-            for i in self.fs.get_file_info(pafs.FileSelector(self._path("progress"), allow_not_found=True))
-        }
+        """Parquet files of `kind` whose shard has a valid progress file (others were cut off)."""
+        committed = {f"part-{entry['shard']:05d}" for entry in self._progress_entries()}
         infos = self.fs.get_file_info(pafs.FileSelector(self._path(kind), allow_not_found=True))
         return sorted(i.path for i in infos if i.base_name.removesuffix(".parquet") in committed)
 

@@ -1,17 +1,23 @@
-"""Read prompt sources into rows of ``{"source": where, "raw": bytes}``, never failing on content.
+"""Read prompt sources into rows of ``{"source": where, "raw": bytes, "error": str | None}``,
+never failing on content.
 
 Parsing happens later, per row, so one bad line is a counted reject instead of a
 crashed read: JSONL is read as bytes and split into lines here (Ray's JSON reader
-would abort the whole file on the first bad line or invalid UTF-8).
+would abort the whole file on the first bad line or invalid UTF-8). Parquet files and a
+``datasets`` save_to_disk directory's Arrow files are likewise read one file at a time, each
+row as JSON: Ray's Parquet reader and ``load_from_disk`` failed the whole job on one corrupt
+file or on files whose schemas differ. A file (or a part of one) that cannot be read becomes
+one row with ``error`` set, which the reject pass records like a bad line.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
-from cluster.ray_data import read_parquet
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from cluster.storage import filesystem
 from datasets_pipeline.config import InputConfig
 
@@ -38,34 +44,53 @@ def detect_format(path: str, fmt: str) -> str:
 def _split_lines(row: dict) -> list[dict]:
     name = os.path.basename(row["path"])
     return [
-        {"source": f"{name}:{i}", "raw": line}
+        {"source": f"{name}:{i}", "raw": line, "error": None}
         for i, line in enumerate(row["bytes"].split(b"\n"), start=1)
         if line.strip()
     ]
 
 
-def _encode_row(row: dict) -> dict:
-    blob = json.dumps(row, default=str, ensure_ascii=False).encode()
-    return {"source": "row#" + hashlib.sha256(blob).hexdigest()[:16], "raw": blob}
+def _record_batches(data: bytes, fmt: str):
+    """A Parquet file's row groups, or an Arrow IPC stream's (save_to_disk) record batches."""
+    buf = pa.BufferReader(data)
+    if fmt == "parquet":
+        pf = pq.ParquetFile(buf)
+        return (pf.read_row_group(i) for i in range(pf.num_row_groups))
+    return iter(pa.ipc.open_stream(buf))
+
+
+def _table_rows(row: dict, fmt: str) -> list[dict]:
+    """One file's rows as ``{source: name:row, raw: JSON}``; what cannot be read, as one error row.
+
+    Rows read before a corrupt row group (or record batch) are kept; the rest of the file is the
+    error row, whose source names the first row it lost.
+    """
+    name = os.path.basename(row["path"])
+    out: list[dict] = []
+    try:
+        for batch in _record_batches(row["bytes"], fmt):
+            for record in batch.to_pylist():
+                blob = json.dumps(record, default=str, ensure_ascii=False).encode()
+                out.append({"source": f"{name}:{len(out) + 1}", "raw": blob, "error": None})
+    except (pa.ArrowException, OSError, ValueError) as e:
+        what = "Parquet" if fmt == "parquet" else "Arrow"
+        detail = f"unreadable {what} file: {type(e).__name__}: {e}"
+        out.append({"source": f"{name}:{len(out) + 1}", "raw": b"", "error": detail[:300]})
+    return out
 
 
 def read_source(cfg: InputConfig, path: str):
-    """-> ray.data.Dataset of {source, raw}."""
+    """-> ray.data.Dataset of {source, raw, error}."""
     import ray.data
 
     fmt = detect_format(path, cfg.format)
     fs, fs_path = filesystem(path)
     if fmt == "jsonl":
-        ds = ray.data.read_binary_files(fs_path, filesystem=fs, include_paths=True)
-        ds = ds.flat_map(_split_lines)
-    elif fmt == "parquet":
-        ds = read_parquet(fs_path, filesystem=fs).map(_encode_row)
+        ds = ray.data.read_binary_files(fs_path, filesystem=fs, include_paths=True).flat_map(_split_lines)
     else:
-        if path.startswith("s3://"):
-            raise ValueError("hf_disk input must be a local directory; export it to Parquet for s3://")
-        import datasets
-
-        ds = ray.data.from_huggingface(datasets.load_from_disk(path)).map(_encode_row)
+        ext = "parquet" if fmt == "parquet" else "arrow"
+        ds = ray.data.read_binary_files(fs_path, filesystem=fs, include_paths=True, file_extensions=[ext])
+        ds = ds.flat_map(_table_rows, fn_kwargs={"fmt": fmt})
     if cfg.limit:
         ds = ds.limit(cfg.limit)
     return ds

@@ -8,15 +8,18 @@ reason and flow on to the driver, which counts and sets them aside.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
+
+from cluster.pii import redact, redact_messages
 
 from datasets_pipeline import records as R
 from datasets_pipeline.alignment import tokenizer_decoder, tokenizer_vocab_map
 from datasets_pipeline.answers import CHECKERS, split_reasoning
 from datasets_pipeline.config import GenerationConfig
 from datasets_pipeline.engine import sampling_params
-from datasets_pipeline.prompts import Rejected, parse_json_line, preview, split_of, to_prompt
+from datasets_pipeline.prompts import Prompt, Rejected, parse_json_line, preview, split_of, to_prompt
 from datasets_pipeline.targets import TooLong, build_student_example, render_prompt, same_vocabulary
 from datasets_pipeline.topk import compact_topk
 
@@ -27,21 +30,55 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-class InputRejects:
-    """Emit one reject row per input row that cannot become a prompt."""
+class TemplateRefused(Exception):
+    """The teacher's chat template raised on a prompt's messages (roles, their order, ...)."""
 
-    def __init__(self, cfg: dict, done: set[str] = frozenset()):
+
+def _prompt(row: dict, cfg: GenerationConfig) -> Prompt:
+    """The row's prompt, its messages redacted when ``preprocess.redact_pii`` says so (before they are
+    rendered, generated from or written: the served request log is next round's input)."""
+    prompt = to_prompt(parse_json_line(row["raw"]), cfg.input)
+    if cfg.preprocess.redact_pii:
+        prompt = replace(prompt, messages=redact_messages(prompt.messages))
+    return prompt
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    """``render_prompt``, a refusal raised as ``TemplateRefused``: templates raise anything (jinja's
+    ``raise_exception``, ``TypeError`` on an odd role), and one such row crashed every (re)run."""
+    try:
+        return render_prompt(tokenizer, messages)
+    except Exception as e:  # whatever the template raised, this row is set aside, not the run
+        raise TemplateRefused(f"{type(e).__name__}: {e}"[:500]) from None
+
+
+class InputRejects:
+    """Emit one reject row per input row that cannot become a prompt, or that the chat template refuses.
+
+    It renders every prompt (as PromptStage does) so that a refused one is recorded here, beside the
+    other input rejects; PromptStage just drops it.
+    """
+
+    def __init__(self, cfg: dict, teacher_path: str, done: set[str] = frozenset()):
         self.cfg = GenerationConfig.model_validate(cfg)
+        self.tokenizer = _load_tokenizer(teacher_path)
         self.done = done
 
     def __call__(self, row: dict) -> list[dict]:
         if row["source"] in self.done:
             return []
+        if row.get("error"):  # a file, or the rest of one, that could not be read (sources)
+            return [{"source": row["source"], "stage": "input", "reason": row["error"], "detail": None}]
         try:
-            to_prompt(parse_json_line(row["raw"]), self.cfg.input)
+            _render(self.tokenizer, _prompt(row, self.cfg).messages)
+            return []
         except Rejected as e:
-            return [{"source": row["source"], "stage": "input", "reason": str(e), "detail": preview(row["raw"])}]
-        return []
+            stage, reason, why = "input", str(e), ""
+        except TemplateRefused as e:
+            stage, reason, why = "prompt", R.CHAT_TEMPLATE, f"{e} | "
+        detail = preview(row["raw"])
+        detail = redact(detail) if self.cfg.preprocess.redact_pii else detail
+        return [{"source": row["source"], "stage": stage, "reason": reason, "detail": why + detail}]
 
 
 class PromptStage:
@@ -54,12 +91,12 @@ class PromptStage:
 
     def __call__(self, row: dict) -> list[dict]:
         try:
-            prompt = to_prompt(parse_json_line(row["raw"]), self.cfg.input)
-        except Rejected:
+            prompt = _prompt(row, self.cfg)
+            if prompt.prompt_id in self.done:
+                return []
+            text = _render(self.tokenizer, prompt.messages)
+        except (Rejected, TemplateRefused):  # recorded by InputRejects
             return []
-        if prompt.prompt_id in self.done:
-            return []
-        text = render_prompt(self.tokenizer, prompt.messages)
         split = split_of(prompt.prompt_id, self.cfg.preprocess.val_fraction, self.cfg.preprocess.split_seed)
         out = []
         for i in range(self.cfg.sampling.n):

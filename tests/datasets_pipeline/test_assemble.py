@@ -73,3 +73,34 @@ def test_duplicates_across_prompts_and_repeated_ids():
 def test_resume_state_is_respected():
     a = Assembler(n=1, keep="all", dedupe=True, done={"p"})
     assert a.add(row("p", 0)).samples == []
+
+
+def test_prompts_missing_samples_at_the_end_are_set_aside_whole():
+    """#17 item 11: a prompt whose n samples never all arrive used to stay pending, unwritten."""
+    a = Assembler(n=3, keep="all", dedupe=True)
+    a.add(row("p", 2))
+    a.add(row("q", 0))
+    assert a.add(row("q", 1)).prompt_ids == []
+    end = a.close()
+    assert end.prompt_ids == ["p", "q"] and end.samples == []
+    assert [r["source"] for r in end.rejects] == ["p/0", "p/1", "p/2", "q/0", "q/1", "q/2"]
+    assert {r["reason"] for r in end.rejects} == {R.INCOMPLETE_SAMPLES}
+    assert "1 of 3 samples arrived (indices [2])" in end.rejects[0]["detail"]
+    assert a.close().prompt_ids == [] and a.add(row("p", 0)).rejects[0]["reason"] == R.DUPLICATE
+
+
+def test_the_end_of_generation_commits_every_prompt(tmp_path):
+    """What run_generation does when the stream ends: incomplete prompts are committed as rejects."""
+    from datasets_pipeline.generate import ShardWriter
+    from datasets_pipeline.shards import ShardStore
+
+    store = ShardStore(str(tmp_path), "abc")
+    writer = ShardWriter(store, store.load_progress(), shard_rows=100)
+    a = Assembler(n=2, keep="all", dedupe=True)
+    for r in (row("done", 0, status=R.TRUNCATED), row("done", 1, status=R.TRUNCATED), row("short", 1)):
+        writer.add(a.add(r))
+    writer.add(a.close())
+    writer.flush()
+    assert store.load_progress().done == {"done", "short"}
+    assert writer.totals == {"kept": 0, R.TRUNCATED: 2, R.INCOMPLETE_SAMPLES: 2}
+    assert sorted(store.read_rejects().column("source").to_pylist()) == ["done/0", "done/1", "short/0", "short/1"]

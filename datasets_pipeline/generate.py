@@ -161,6 +161,23 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
     if kv:
         log(f"generation: KV cache {kv.gib:.3f} GiB per engine ({kv.how})")
     start = time.perf_counter()
+    tokens = _drain(cfg, teacher, student, requests, kv_cache_bytes, writer, assembler, input_rejects, log)
+    for bad in input_rejects.rest():
+        writer.add_input_reject(bad)
+    incomplete = assembler.close()
+    if incomplete.prompt_ids:
+        log(f"generation: {len(incomplete.prompt_ids)} prompts did not get all {cfg.sampling.n} samples; "
+            "set aside as incomplete_samples")
+    writer.add(incomplete)
+    writer.flush()
+    wall = time.perf_counter() - start
+    return _finish_manifest(store, cfg, writer.totals, config_digest, wall, tokens, log)
+
+
+def _drain(cfg: GenerationConfig, teacher: str, student: str, requests, kv_cache_bytes: int | None,
+           writer: ShardWriter, assembler: Assembler, input_rejects: BackgroundRows, log) -> int:
+    """Stream the engine's rows into shards (engine errors retried once); returns generated tokens."""
+    start = time.perf_counter()
     tokens = samples = 0
     last_log = start
     retry: list[dict] = []
@@ -183,17 +200,7 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
             break
         log(f"generation: retrying {len(retry)} samples that failed in the engine")
         requests = _retry_requests(retry, cfg)
-    for bad in input_rejects.rest():
-        writer.add_input_reject(bad)
-    incomplete = assembler.close()
-    if incomplete.prompt_ids:
-        log(f"generation: {len(incomplete.prompt_ids)} prompts did not get all {cfg.sampling.n} samples; "
-            "set aside as incomplete_samples")
-    writer.add(incomplete)
-    writer.flush()
-    wall = time.perf_counter() - start
-    return _finish_manifest(store, cfg, writer.totals, config_digest, wall, tokens, log)
-
+    return tokens
 
 def _finish_manifest(store: ShardStore, cfg: GenerationConfig, totals: Counter, digest: str,
                      wall: float, tokens_this_run: int, log) -> dict:

@@ -28,6 +28,8 @@ def processor_kwargs(cfg: GenerationConfig, model_path: str, kv_cache_bytes: int
     memory = ({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes is not None
               else {"gpu_memory_utilization": e.memory_utilization})
     engine_kwargs = {
+        # Weights from safetensors only: a pickled .bin runs code while it loads.
+        "load_format": "safetensors",
         "enforce_eager": e.enforce_eager,
         **memory,
         "tensor_parallel_size": e.tensor_parallel_size,

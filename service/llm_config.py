@@ -50,6 +50,8 @@ def engine_kwargs(cfg: ServingConfig, kv_cache_bytes: int | None = None) -> dict
         kwargs: dict[str, Any] = {"kv_cache_memory_bytes": kv_cache_bytes}
     else:
         kwargs = {"gpu_memory_utilization": cfg.memory_utilization}
+    # Weights from safetensors only: a pickled .bin runs code while it loads.
+    kwargs["load_format"] = "safetensors"
     if cfg.max_model_len is not None:
         kwargs["max_model_len"] = cfg.max_model_len
     if cfg.accelerator == "cpu":

@@ -9,11 +9,12 @@ import os
 from collections.abc import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from datasets_pipeline.answers import check_answer, split_reasoning
 from rayjobs.demo.task import read_prompts_jsonl
 from rayjobs.distillation.evaluate import generate_greedy
+from rayjobs.distillation.lora import load_model
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -58,6 +59,6 @@ def exact_match(
 ) -> dict:
     """EM of a saved model (HF layout) on a prompts JSONL: ``{"em", "n", "tokens_per_s"}``."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = load_model(model_dir, dtype=torch.float32)
     records = read_prompts_jsonl(heldout_jsonl)[:limit]
     return exact_match_records(model, tokenizer, records, batch_size, max_new_tokens, checker)

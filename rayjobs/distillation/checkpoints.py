@@ -72,6 +72,10 @@ def checkpoint_layout(d) -> dict:
         "zero_stage": d.deepspeed.zero_stage,
         "precision": d.deepspeed.precision,
         "num_workers": d.scaling.num_workers,
+        # Layer-wise LR decay splits the optimizer into one parameter group per layer: another
+        # group count cannot load the saved optimizer state. (Only when on, so layouts written
+        # before this key existed still match a run without it.)
+        **({"layerwise_lr_groups": True} if d.optim.layerwise_lr_decay is not None else {}),
     }
 
 
@@ -193,6 +197,7 @@ def restore(engine, state: TrainerState, run_dir: str) -> TrainerState:
     checkpoint = find_checkpoint(run_dir)
     if checkpoint is None:
         return state
+    base_lrs = [group["initial_lr"] for group in engine.optimizer.param_groups]
     with checkpoint.as_directory() as d:
         try:
             engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -205,6 +210,18 @@ def restore(engine, state: TrainerState, run_dir: str) -> TrainerState:
     restored = TrainerState(**read_trainer_state(checkpoint))
     if restored.step != engine.global_steps:
         raise RuntimeError(f"checkpoint state step {restored.step} != DeepSpeed step {engine.global_steps}")
+    _keep_current_lrs(engine, base_lrs)
     restored.attempt += 1
     restored.restored_from.append(restored.step)
     return restored
+
+
+def _keep_current_lrs(engine, base_lrs: list[float]) -> None:
+    """The checkpoint brings back the scheduler's base rates (and each group's rate) of the run that
+    wrote it; this run's config decides them, so a resume with another ``optim.lr`` trains at it."""
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = list(base_lrs)
+    for group, base, factor in zip(engine.optimizer.param_groups, base_lrs,
+                                   (f(scheduler.last_epoch) for f in scheduler.lr_lambdas), strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor

@@ -190,7 +190,9 @@ def evaluate_model(
 ) -> dict:
     """The eval report (JSON-serializable) of a saved HF model on ``records`` (``select_eval_records``)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from rayjobs.distillation.lora import load_model
 
     records = records[:limit] if limit else records
     report: dict = {"model": model_dir, "n": len(records), "checker": checker, "max_new_tokens": max_new_tokens}
@@ -198,7 +200,7 @@ def evaluate_model(
         return {**report, "em": None, "token_f1": None, "teacher_agreement": None, "perplexity": None,
                 "tokens_per_s": None, "note": "no 'val' rows in the shards (generation.preprocess.val_fraction)"}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model = load_model(model_dir, dtype=torch.float32).to(device).eval()
     generations = generate_greedy(model, tokenizer, [json.loads(r["messages"]) for r in records], max_new_tokens,
                                   batch_size)
     completions = generations.texts

@@ -40,11 +40,17 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig):
     return get_peft_model(model, peft_cfg)
 
 
+def load_model(model_dir: str, **kwargs) -> PreTrainedModel:
+    """Every model raystill loads with transformers: weights from safetensors only, since a pickled
+    ``.bin`` (or a checkpoint's pickle) runs code while it loads."""
+    return AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, **kwargs)
+
+
 def load_student(model_dir: str, dtype: torch.dtype | str = torch.float32,
                  attn_implementation: str | None = None) -> PreTrainedModel:
     """``attn_implementation``: None for transformers' default, ``"eager"`` to get attention probabilities."""
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+    return load_model(model_dir, dtype=dtype, **kwargs)
 
 
 def build_export_model(
@@ -55,7 +61,7 @@ def build_export_model(
     ``state_dict`` uses the training module's names (``base_model.model...`` under peft). Loading
     is strict: a missing or unexpected key means the export would silently drop training.
     """
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+    model = load_model(base_dir, dtype="auto")
     if lora is not None and lora.enabled:
         model = apply_lora(model, lora)
         model.load_state_dict(dict(state_dict), strict=True)

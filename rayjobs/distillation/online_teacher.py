@@ -118,11 +118,11 @@ class OnlineCollate:
 
 def load_teacher(model_dir: str, cfg: TeacherConfig, eager_attention: bool, device) -> torch.nn.Module:
     """The frozen teacher: eval mode, no parameter requires grad, sharded as configured."""
-    from transformers import AutoModelForCausalLM
+    from rayjobs.distillation.lora import load_model
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
     kwargs = {"attn_implementation": "eager"} if eager_attention else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+    model = load_model(model_dir, dtype=dtype, **kwargs)
     model.config.use_cache = False
     model.eval().requires_grad_(False)
     if cfg.shard == "none":

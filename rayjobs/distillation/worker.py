@@ -249,7 +249,9 @@ class _Worker:
                 if micro % ga:
                     continue
                 state.step = engine.global_steps
-                row = meter.row(state, cfg.optim.lr * self.lr_lambda(state.step - 1), self.world, ga)
+                # The scheduler's own base rate (not the config's): the log shows what the optimizer ran.
+                base_lr = max(engine.lr_scheduler.base_lrs)
+                row = meter.row(state, base_lr * self.lr_lambda(state.step - 1), self.world, ga)
                 row.update(self.loss.schedule_row(state.step - 1))
                 state.tokens += row["tokens"]
                 if self.rank == 0:

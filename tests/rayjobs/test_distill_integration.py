@@ -287,3 +287,22 @@ def test_zero3_full_finetune_packed_two_workers_on_s3(world, ray_local, s3_serve
     merged = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(world / "student", dtype=torch.float32)
     assert not torch.equal(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_resume_with_another_lr_trains_at_the_new_lr(world, ray_local):
+    """#17 item 13: the restored LR scheduler brought back its old base rate while the curves logged
+    the new one. Two steps at lr 1e-3 (checkpoint at 2), then the same run resumed to four at 1e-2."""
+    from rayjobs.config import load_config
+    from rayjobs.distill import train
+    from rayjobs.distillation.schedule import make_lr_lambda
+
+    base = {"loss": {"kind": "data"}, "optim": {"lr": 1e-3, "max_steps": 2, "micro_batch_size": 8,
+                                                "warmup_ratio": 0.0, "schedule": "constant"},
+            "checkpoint_every": 2}
+    train(load_config(write_config(world, "lrresume", base)), log=lambda *_: None)
+    resumed = {**base, "optim": {**base["optim"], "lr": 1e-2, "max_steps": 4}}
+    state = train(load_config(write_config(world, "lrresume", resumed)), log=lambda *_: None)
+    assert state["restored_from"] == [2]
+    lam = make_lr_lambda("constant", 4, 0.0)
+    assert [r["step"] for r in state["history"]] == [1, 2, 3, 4]
+    assert [r["lr"] for r in state["history"]][2:] == pytest.approx([1e-2 * lam(2), 1e-2 * lam(3)])

@@ -39,7 +39,8 @@ def test_autoscaling_and_queue_are_explicit():
 def test_cpu_placement_and_engine():
     cfg = _cfg(max_model_len=256)
     eng = engine_kwargs(cfg, kv_cache_bytes=64 << 20)
-    assert eng == {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 256, "enforce_eager": True}
+    assert eng == {"kv_cache_memory_bytes": 64 << 20, "load_format": "safetensors", "max_model_len": 256,
+                   "enforce_eager": True}
     assert placement_group_config(cfg, eng) == {"bundles": [{"CPU": 1}], "strategy": "PACK"}
     assert "accelerator_type" not in llm_config_kwargs(cfg, "/models/student")
 

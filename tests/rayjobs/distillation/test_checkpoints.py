@@ -25,6 +25,8 @@ def test_only_settings_that_shape_the_checkpoint_count():
     assert checkpoint_layout(_d(optim={"lr": 0.1, "max_steps": 9}, loss={"kind": "logit", "alpha": 0.9})) == base
     assert checkpoint_layout(_d(loss={"kind": "feature"})) != base
     assert checkpoint_layout(_d(lora={"enabled": True})) != base
+    assert checkpoint_layout(_d(optim={"layerwise_lr_decay": 0.8})) != base  # other optimizer groups (#17 item 13)
+    assert checkpoint_layout(_d(optim={"layerwise_lr_decay": 0.8})) == checkpoint_layout(_d(optim={"layerwise_lr_decay": 0.5}))
     assert checkpoint_layout(_d(lora={"enabled": False, "r": 4})) == base  # r means nothing without LoRA
     lora = checkpoint_layout(_d(lora={"enabled": True}))
     assert checkpoint_layout(_d(lora={"enabled": True, "alpha": 64, "dropout": 0.1})) == lora  # no new shapes

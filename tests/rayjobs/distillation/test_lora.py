@@ -44,3 +44,22 @@ def test_trained_embeddings_stay_tied_to_the_head(tmp_path):
     with torch.no_grad():
         model.get_input_embeddings().weight.add_(1.0)
     assert torch.equal(model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    """#17 item 8: a .bin checkpoint is a pickle and runs code while it loads: only safetensors load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rayjobs.distillation.lora import load_model
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    import torch
+
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "st")
+    cfg.save_pretrained(tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # what an old or hostile repo ships
+    assert load_model(str(tmp_path / "st")).config.vocab_size == 32
+    with pytest.raises(OSError):
+        load_model(str(tmp_path / "bin"))

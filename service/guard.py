@@ -150,10 +150,13 @@ class RequestLog:
     generation stage reads as its input.
     """
 
-    def __init__(self, location: str, batch_rows: int = 256, flush_interval_s: float = 30.0):
+    def __init__(self, location: str, batch_rows: int = 256, flush_interval_s: float = 30.0,
+                 max_buffered_rows: int = 10_000):
         from cluster.storage import filesystem, is_s3
 
         self.location, self.batch_rows, self.flush_interval_s = location, batch_rows, flush_interval_s
+        # While storage is down rows wait here; beyond this many the oldest go, counted in ``dropped``.
+        self.max_buffered_rows, self.dropped = max_buffered_rows, 0
         self._fs, self._dir = filesystem(location)
         self._s3 = is_s3(location)
         self._stem = f"requests-{socket.gethostname()}-{os.getpid()}"
@@ -167,6 +170,8 @@ class RequestLog:
     def add(self, row: dict) -> None:
         with self._lock:
             self._rows.append(row)
+            if len(self._rows) > self.max_buffered_rows:
+                self._rows = self._bounded(self._rows)
             full = len(self._rows) >= self.batch_rows
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._flush_periodically())
@@ -197,9 +202,19 @@ class RequestLog:
                         f.write(data)
             except Exception:  # logging must never fail a request; keep the rows for the next try
                 log.exception("request log: writing %d rows to %s failed", len(rows), self.location)
-                self._rows = rows + self._rows
+                self._rows = self._bounded(rows + self._rows)
                 return 0
         return len(rows)
+
+    def _bounded(self, rows: list[dict]) -> list[dict]:
+        """At most ``max_buffered_rows`` rows, the newest; what is dropped is counted and logged."""
+        excess = len(rows) - self.max_buffered_rows
+        if excess <= 0:
+            return rows
+        self.dropped += excess
+        log.warning("request log: storage unavailable, dropped the %d oldest rows (%d dropped in all)",
+                    excess, self.dropped)
+        return rows[excess:]
 
     async def close(self) -> None:
         if self._task is not None:

@@ -280,3 +280,16 @@ def test_request_log_keeps_only_rows_a_chat_template_renders(messages):
 def test_request_log_redacts_before_writing():
     row = log_row({"messages": [{"role": "user", "content": "I am a@b.io, 13812345678"}]}, "r", redact_pii=True)
     assert row["messages"][0]["content"] == "I am [EMAIL], [PHONE]"
+
+
+def test_request_log_buffer_is_bounded_while_storage_is_down(tmp_path, caplog):
+    """#17 item 5: a failed write kept every row for the next try, without limit."""
+    log = RequestLog(str(tmp_path / "log"), batch_rows=1000, flush_interval_s=60, max_buffered_rows=5)
+    log._fs = None  # storage down: every write raises
+    for i in range(4):
+        log._rows.append({"id": i})
+    assert log.flush() == 0 and len(log._rows) == 4  # kept for the next try
+    log._rows += [{"id": i} for i in range(4, 8)]
+    assert log.flush() == 0
+    assert [r["id"] for r in log._rows] == [3, 4, 5, 6, 7] and log.dropped == 3  # the oldest went
+    assert "dropped the 3 oldest rows" in caplog.text

@@ -112,6 +112,8 @@ def test_submit_follow_succeeds_and_failure_is_reported(ray_head, tiny_world, tm
     (tmp_path / "bad").mkdir()
     bad = _config(tmp_path / "bad", tiny_world, str(tmp_path / "no-such-teacher"))
     r = _cli("submit", str(bad), "--stage", "generate", "--address", ray_head, "--follow")
+    assert r.returncode == 2 and "generation.teacher" in r.stderr and "submitted" not in r.stdout  # preflight
+    r = _cli("submit", str(bad), "--stage", "generate", "--address", ray_head, "--follow", "--skip-preflight")
     assert r.returncode == 1 and "FAILED" in r.stdout
     sid = r.stdout.split("submitted ", 1)[1].split()[0]
     status = _cli("jobs", "status", sid, "--address", ray_head)

@@ -52,6 +52,21 @@ from rayjobs.distillation.losses import (
 )
 
 
+# Logits per chunk when ``chunk_tokens`` is not set: 2**24 (64 MiB in fp32; ~300 MiB for a chunk's
+# loss and gradients), i.e. 110 tokens at V = 151,936 and a whole micro-batch for small vocabularies,
+# which then pay no per-chunk overhead.
+CHUNK_LOGITS = 2**24
+
+
+def chunk_size(chunk_tokens: int | None, vocab: int) -> int:
+    """Tokens per chunk: ``chunk_tokens`` as configured, else sized from the vocabulary."""
+    if chunk_tokens is not None:
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        return chunk_tokens
+    return max(1, CHUNK_LOGITS // vocab)
+
+
 def no_logits(device) -> torch.Tensor:
     """``logits_to_keep`` for an HF causal LM whose head we run ourselves: no position."""
     return torch.zeros(0, dtype=torch.long, device=device)
@@ -195,17 +210,17 @@ def head_loss(
     bias: torch.Tensor | None,
     teacher: Teacher,
     settings: LossSettings,
-    chunk_tokens: int,
+    chunk_tokens: int | None,
     kd_term: KdTerm = divergence_term,
 ) -> tuple[torch.Tensor, ...]:
     """``LossOutput``'s fields of ``distill_loss(F.linear(hidden, weight, bias), labels, teacher)``.
 
     hidden: ``[B, T, H]`` final hidden states; labels, teacher: as ``distill_loss`` (a
-    ``DenseTeacherHead`` in place of a ``DenseTeacher``). A plain tuple of tensors, because that is
-    what ZeRO-3's hooks look into when this runs as a module's forward (``call_head``).
+    ``DenseTeacherHead`` in place of a ``DenseTeacher``); chunk_tokens: see ``chunk_size``. A plain
+    tuple of tensors, because that is what ZeRO-3's hooks look into when this runs as a module's
+    forward (``call_head``).
     """
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    chunk_tokens = chunk_size(chunk_tokens, weight.shape[0])
     has_label = labels != IGNORE_INDEX
     n = has_label.sum()
     kd_on = settings.kind == "logit" and teacher is not None
@@ -222,7 +237,7 @@ def head_loss(
 
 
 def call_head(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, teacher: Teacher,
-              settings: LossSettings, chunk_tokens: int, kd_term: KdTerm = divergence_term) -> LossOutput:
+              settings: LossSettings, chunk_tokens: int | None, kd_term: KdTerm = divergence_term) -> LossOutput:
     """``head_loss`` with ``head``'s parameters, run through ``head(hidden)`` so that the module's
     hooks (DeepSpeed ZeRO-3's gather and release) fire around it (module docstring)."""
 
@@ -254,13 +269,14 @@ def output_head(model: nn.Module) -> nn.Linear:
     return head
 
 
-def chunked_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_tokens: int,
+def chunked_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_tokens: int | None,
                  reduce: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
     """``reduce(logits)`` per chunk of ``hidden``'s positions, the results put back in their shape.
 
     For a teacher's top-k of its full distribution without holding it: ``hidden [..., H]`` ->
     outputs ``[..., k]``, under ``torch.no_grad`` by the caller.
     """
+    chunk_tokens = chunk_size(chunk_tokens, weight.shape[0])
     flat = hidden.reshape(-1, hidden.shape[-1])
     parts = [reduce(F.linear(flat[s:s + chunk_tokens], weight, bias)) for s in range(0, flat.shape[0], chunk_tokens)]
     return tuple(torch.cat(p).reshape(*hidden.shape[:-1], *p[0].shape[1:]) for p in zip(*parts, strict=True))

@@ -62,12 +62,12 @@ class LossConfig(StrictModel):
     feature: FeatureConfig = Field(default_factory=FeatureConfig)
     schedule: LossScheduleConfig = Field(default_factory=LossScheduleConfig)
     xtok: XtokConfig = Field(default_factory=XtokConfig)
-    chunk_tokens: int = Field(
-        128, ge=1, description="Tokens whose full-vocabulary logits exist at once: the student's LM head, every "
+    chunk_tokens: int | None = Field(
+        None, ge=1, description="Tokens whose full-vocabulary logits exist at once: the student's LM head, every "
         "loss reading its logits and the online teacher's logits run over the micro-batch's labelled tokens in "
-        "chunks of this many (rayjobs/distillation/chunked_head.py), so memory stays flat in sequence length: "
-        "about chunk_tokens x vocabulary x 20 bytes (128 x 151,936: ~390 MB). Larger chunks amortize per-chunk "
-        "overhead on GPUs.")
+        "chunks of this many (rayjobs/distillation/chunked_head.py), so memory stays flat in sequence length, "
+        "about chunk_tokens x vocabulary x 20 bytes. null: 2**24 logits per chunk (110 tokens at 151,936 ids, "
+        "~300 MB; a whole micro-batch for small vocabularies); larger chunks amortize per-chunk overhead on GPUs.")
 
     @model_validator(mode="after")
     def _stages_need_features(self):

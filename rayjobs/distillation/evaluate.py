@@ -121,7 +121,7 @@ def _speaks_student_tokens(tokenizer, record: dict) -> bool:
 
 
 def _perplexity(model, tokenizer, records: list[dict], batch_size: int, max_seq_len: int,
-                chunk_tokens: int) -> float | None:
+                chunk_tokens: int | None) -> float | None:
     """exp(token-mean CE) of the model on the teacher's outputs in student tokens (prompt excluded).
 
     None for a model with another tokenizer (e.g. the teacher evaluated as a baseline): the stored
@@ -164,7 +164,7 @@ def evaluate_model(
     max_seq_len: int = 2048,
     device: str = "cpu",
     num_examples: int = 5,
-    chunk_tokens: int,
+    chunk_tokens: int | None,
 ) -> dict:
     """The eval report (JSON-serializable) of a saved HF model on ``records`` (``select_eval_records``).
 

@@ -211,3 +211,19 @@ def test_output_head_through_peft_and_the_feature_wrapper():
     adapted = get_peft_model(model(), LoraConfig(r=2, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match="no LoRA adapters on lm_head"):
         output_head(adapted)
+
+
+def test_chunk_size_defaults_to_a_logit_budget_and_config_refuses_lora_on_the_head():
+    from pydantic import ValidationError
+
+    from rayjobs.distillation.chunked_head import chunk_size
+    from rayjobs.distillation.config import DistillationConfig
+
+    assert chunk_size(None, 151_936) == 110 and chunk_size(None, 384) == 43_690 and chunk_size(7, 151_936) == 7
+    cfg = DistillationConfig.model_validate({"student": "s", "output": "o"})
+    assert cfg.loss.chunk_tokens is None
+    with pytest.raises(ValidationError, match="LoRA adapters on lm_head"):
+        DistillationConfig.model_validate({"student": "s", "output": "o",
+                                           "lora": {"enabled": True, "target_modules": ["q_proj", "lm_head"]}})
+    with pytest.raises(ValidationError):
+        DistillationConfig.model_validate({"student": "s", "output": "o", "loss": {"chunk_tokens": 0}})

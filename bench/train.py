@@ -115,7 +115,8 @@ def plain_loop(cfg, steps: int, threads: int) -> list[dict]:
 
     from datasets_pipeline.shards import ShardStore
     from rayjobs.distillation.collate import CollateSettings, collate, model_inputs
-    from rayjobs.distillation.losses import LossSettings, TopKTeacher, distill_loss
+    from rayjobs.distillation.chunked_head import call_head, no_logits, output_head
+    from rayjobs.distillation.losses import LossSettings, TopKTeacher
     from rayjobs.distillation.schedule import make_lr_lambda
     from rayjobs.distillation.worker import build_model, build_optimizer, count_layers
 
@@ -137,10 +138,11 @@ def plain_loop(cfg, steps: int, threads: int) -> list[dict]:
         start = time.perf_counter()
         chunk = table.slice(step * mbs % table.num_rows, mbs).to_pydict()
         batch = collate(chunk, cs)
-        logits = model(**model_inputs(batch), use_cache=False).logits
+        states = model(**model_inputs(batch), use_cache=False, output_hidden_states=True,
+                       logits_to_keep=no_logits("cpu")).hidden_states
         teacher = (TopKTeacher(batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_mask"])
                    if "teacher_ids" in batch else None)
-        out = distill_loss(logits, batch["labels"], teacher, settings)
+        out = call_head(output_head(model), states[-1], batch["labels"], teacher, settings, d.loss.chunk_tokens)
         out.total.backward()
         if d.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), d.optim.grad_clip)

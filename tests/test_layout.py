@@ -25,6 +25,7 @@ ENGINES = ("ray", "deepspeed", "vllm")
 # The cores every stage is built on: plain functions and classes, testable in milliseconds.
 PURE = (
     "rayjobs.distillation.losses", "rayjobs.distillation.xtok", "rayjobs.distillation.feature_losses",
+    "rayjobs.distillation.chunked_head",
     "rayjobs.distillation.collate", "rayjobs.distillation.schedule", "rayjobs.distillation.plan",
     "datasets_pipeline.alignment", "datasets_pipeline.prompts", "datasets_pipeline.targets",
     "datasets_pipeline.answers", "datasets_pipeline.assemble", "datasets_pipeline.topk", "datasets_pipeline.records",

@@ -14,6 +14,11 @@ Schedules are pure functions of the optimizer step (``rayjobs.distillation.sched
 ramps from ``schedule.temperature_start`` to ``temperature_end`` over the run, and feature runs
 train the hidden-state loss alone for the first ``schedule.stage1_steps`` steps.
 
+The student runs without its LM head (``logits_to_keep`` empty); its last hidden states go to
+the chunked head (``rayjobs.distillation.chunked_head.call_head``), which computes CE and KD
+``loss.chunk_tokens`` positions at a time, so no ``[tokens x V]`` logits exist for the student
+or the online teacher.
+
 ``build`` wires it for a worker: the collate function, the projections (to be trained with the
 student) and the loss callable; it imports no engine itself, the teacher is loaded by the caller
 once the DeepSpeed engine knows its device (``attach_teacher``).
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rayjobs.distillation.chunked_head import call_head, no_logits, output_head
 from rayjobs.distillation.collate import CollateSettings, collate, model_inputs, pad_id
 from rayjobs.distillation.config import DistillationConfig
 from rayjobs.distillation.feature_losses import (
@@ -36,10 +42,10 @@ from rayjobs.distillation.feature_losses import (
     feature_distill_loss,
     uniform_layer_map,
 )
-from rayjobs.distillation.losses import LossSettings, TopKTeacher, distill_loss
+from rayjobs.distillation.losses import LossSettings, TopKTeacher, divergence_term
 from rayjobs.distillation.online_teacher import OnlineCollate, OnlineTeacher, TeacherTokens, load_teacher
 from rayjobs.distillation.schedule import loss_stage, temperature_at
-from rayjobs.distillation.xtok import uld_loss
+from rayjobs.distillation.xtok import uld_term
 
 BASE_TERMS = ("loss", "ce", "kd")
 FEATURE_TERMS = ("hidden", "attention")
@@ -89,25 +95,26 @@ class BatchLoss:
         settings = self.settings_at(step)
         labels = batch["labels"].to(device)
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-        if not self.cfg.online_teacher:
-            logits = engine(**inputs, use_cache=False).logits
-            if self.cfg.loss.kind == "logit" and self.cfg.loss.xtok.method == "uld":
-                return uld_loss(logits, labels, _stored_teacher(batch, device), settings)
-            return distill_loss(logits, labels, _stored_teacher(batch, device), settings)
         with_attention = bool(self.feature and self.feature.attention_weight > 0)
-        student = engine(**inputs, use_cache=False, output_hidden_states=self.feature is not None,
-                         output_attentions=with_attention)
+        student = engine(**inputs, use_cache=False, output_hidden_states=True, output_attentions=with_attention,
+                         logits_to_keep=no_logits(device))
+        head, hidden = output_head(engine.module), student.hidden_states[-1]
+        chunk, uld = self.cfg.loss.chunk_tokens, self.cfg.loss.xtok.method == "uld"
+        if not self.cfg.online_teacher:
+            kd_term = uld_term if uld else divergence_term
+            return call_head(head, hidden, labels, _stored_teacher(batch, device), settings, chunk, kd_term)
         teacher_out = self.teacher.run(batch, device)
         align = batch["align_index"].to(device)
-        uld = self.cfg.loss.xtok.method == "uld" and not self.teacher.same_vocab
-        logit_teacher = self.teacher.logit_teacher(teacher_out, align, student.logits.shape[-1], raw=uld)
+        uld = uld and not self.teacher.same_vocab
+        kd_term = uld_term if uld else divergence_term
+        stage = loss_stage(step, self.cfg.loss.schedule.stage1_steps) if self.feature else 2
+        # Stage 1 trains the hidden-state loss alone: CE is only reported, so no gradients are made.
+        with self.teacher.head() as t_head, torch.set_grad_enabled(torch.is_grad_enabled() and stage == 2):
+            logit_teacher = self.teacher.logit_teacher(teacher_out, align, head.out_features, t_head, chunk, raw=uld)
+            logit = call_head(head, hidden, labels, logit_teacher, settings, chunk, kd_term)
         if self.feature is None:
-            if uld:
-                return uld_loss(student.logits, labels, logit_teacher, settings)
-            return distill_loss(student.logits, labels, logit_teacher, settings)
-        stage = loss_stage(step, self.cfg.loss.schedule.stage1_steps)
-        return feature_distill_loss(student, labels, teacher_out, align, logit_teacher, engine.module.projector,
-                                    self.feature, settings, stage)
+            return logit
+        return feature_distill_loss(student, teacher_out, align, logit, engine.module.projector, self.feature, stage)
 
 
 def feature_settings(cfg: DistillationConfig, s_layers: int, t_layers: int) -> FeatureSettings:
@@ -141,7 +148,6 @@ class WorkerLoss:
         cfg = self.loss.cfg
         model = load_teacher(self.teacher_dir, cfg.teacher, self.eager_attention, device)
         self.loss.teacher = OnlineTeacher(model, student_tok, teacher_tok, cfg.loss.xtok.online_topk,
-                                          with_hidden=self.loss.feature is not None,
                                           with_attention=self.eager_attention)
 
 

@@ -62,6 +62,12 @@ class LossConfig(StrictModel):
     feature: FeatureConfig = Field(default_factory=FeatureConfig)
     schedule: LossScheduleConfig = Field(default_factory=LossScheduleConfig)
     xtok: XtokConfig = Field(default_factory=XtokConfig)
+    chunk_tokens: int | None = Field(
+        None, ge=1, description="Tokens whose full-vocabulary logits exist at once: the student's LM head, every "
+        "loss reading its logits and the online teacher's logits run over the micro-batch's labelled tokens in "
+        "chunks of this many (rayjobs/distillation/chunked_head.py), so memory stays flat in sequence length, "
+        "about chunk_tokens x vocabulary x 20 bytes. null: 2**24 logits per chunk (110 tokens at 151,936 ids, "
+        "~300 MB; a whole micro-batch for small vocabularies); larger chunks amortize per-chunk overhead on GPUs.")
 
     @model_validator(mode="after")
     def _stages_need_features(self):
@@ -110,6 +116,14 @@ class LoraConfig(StrictModel):
         "LoRA assumes a pretrained base: an untrained student's frozen random norms and embeddings cap "
         "what the adapters can learn (the demo's LoRA run needs both).",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _head_not_adapted(cls, modules):
+        if isinstance(modules, list) and "lm_head" in modules:
+            raise ValueError("LoRA adapters on lm_head are not supported (the chunked head needs a plain linear "
+                             "head); train it in full with modules_to_save: [lm_head]")
+        return modules
 
 
 class OptimConfig(StrictModel):

@@ -2,7 +2,8 @@
 
 Rows are plain dicts written by the train loop's rank 0: ``step`` (1-based optimizer step),
 ``loss``, ``ce``, ``kd`` (token means over the step's micro-batches), ``lr`` (the LR of the
-base group for that update), ``tokens``, ``tokens_per_s``, ``epoch`` and ``attempt`` (0 for the
+base group for that update), ``tokens``, ``tokens_per_s``, ``peak_mem_mib`` (rank 0's peak memory
+so far: GPU allocations, or peak RSS on CPU), ``epoch`` and ``attempt`` (0 for the
 first start, +1 for each restart from a checkpoint). Writing goes through ``cluster.storage``,
 so the output may be local or s3://.
 """

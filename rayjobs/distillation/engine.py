@@ -134,6 +134,7 @@ def evaluate_remote(d: DistillationConfig, merged: str, records: list[dict], che
         batch_size=d.eval.batch_size,
         max_seq_len=d.max_seq_len,
         device="cuda" if d.scaling.use_gpu else "cpu",
+        chunk_tokens=d.loss.chunk_tokens,
     ))
     report["gate"] = check_gate(report, d.gate)
     return report

@@ -149,16 +149,19 @@ def _speaks_student_tokens(tokenizer, record: dict) -> bool:
     return list(ids) == list(record["input_ids"][: record["prompt_len"]])
 
 
-def _perplexity(model, tokenizer, records: list[dict], batch_size: int, max_seq_len: int) -> float | None:
+def _perplexity(model, tokenizer, records: list[dict], batch_size: int, max_seq_len: int,
+                chunk_tokens: int | None) -> float | None:
     """exp(token-mean CE) of the model on the teacher's outputs in student tokens (prompt excluded).
 
     None for a model with another tokenizer (e.g. the teacher evaluated as a baseline): the stored
-    token ids would mean other tokens to it.
+    token ids would mean other tokens to it. The head runs ``chunk_tokens`` positions at a time
+    (``rayjobs.distillation.chunked_head``): no batch's full-vocabulary logits are held.
     """
     import torch
 
+    from rayjobs.distillation.chunked_head import call_head, no_logits, output_head
     from rayjobs.distillation.collate import CollateSettings, collate, model_inputs, pad_id
-    from rayjobs.distillation.losses import distill_loss
+    from rayjobs.distillation.losses import LossSettings
 
     rows = [r for r in records if r["input_ids"]]
     if not rows or not _speaks_student_tokens(tokenizer, rows[0]):
@@ -169,8 +172,10 @@ def _perplexity(model, tokenizer, records: list[dict], batch_size: int, max_seq_
         chunk = rows[start:start + batch_size]
         batch = collate({k: [r[k] for r in chunk] for k in ("input_ids", "prompt_len", "teacher_offset")}, settings)
         with torch.inference_mode():
-            logits = model(**{k: v.to(model.device) for k, v in model_inputs(batch).items()}).logits
-        out = distill_loss(logits, batch["labels"].to(model.device))
+            inputs = {k: v.to(model.device) for k, v in model_inputs(batch).items()}
+            states = model(**inputs, output_hidden_states=True, logits_to_keep=no_logits(model.device)).hidden_states
+            out = call_head(output_head(model), states[-1], batch["labels"].to(model.device), None, LossSettings(),
+                            chunk_tokens)
         nll += float(out.ce) * int(out.num_tokens)
         count += int(out.num_tokens)
     return math.exp(nll / count) if count else None
@@ -187,8 +192,12 @@ def evaluate_model(
     max_seq_len: int = 2048,
     device: str = "cpu",
     num_examples: int = 5,
+    chunk_tokens: int | None,
 ) -> dict:
-    """The eval report (JSON-serializable) of a saved HF model on ``records`` (``select_eval_records``)."""
+    """The eval report (JSON-serializable) of a saved HF model on ``records`` (``select_eval_records``).
+
+    ``chunk_tokens``: ``distillation.loss.chunk_tokens``, for the perplexity's chunked head.
+    """
     import torch
     from transformers import AutoTokenizer
 
@@ -209,7 +218,8 @@ def evaluate_model(
     report.update(
         # Never past the model's own positions (distillation.context_policy truncates training alike).
         perplexity=_perplexity(model, tokenizer, records, batch_size,
-                               min(max_seq_len, getattr(model.config, "max_position_embeddings", max_seq_len))),
+                               min(max_seq_len, getattr(model.config, "max_position_embeddings", max_seq_len)),
+                               chunk_tokens),
         generated_tokens=generations.tokens,
         generation_s=generations.seconds,
         tokens_per_s=generations.tokens_per_s,

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rayjobs.distillation.losses import DenseTeacher, LossSettings, TopKTeacher, distill_loss, kl, token_mean
+from rayjobs.distillation.losses import LossOutput, kl, token_mean
 from rayjobs.distillation.xtok import gather_positions
 
 HIDDEN_LOSSES = ("mse", "cosine")
@@ -94,6 +94,10 @@ class DistillModule(nn.Module):
 
     def forward(self, **kwargs):
         return self.student(**kwargs)
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The student's head: the chunked loss runs it (``rayjobs.distillation.chunked_head``)."""
+        return self.student.get_output_embeddings()
 
     @classmethod
     def student_state_dict(cls, state_dict: dict) -> dict:
@@ -179,22 +183,20 @@ def attention_map_loss(student_attn: Sequence[torch.Tensor], teacher_attn: Seque
 
 
 def feature_distill_loss(
-    student_out, labels: torch.Tensor, teacher_out, align_index: torch.Tensor,
-    logit_teacher: TopKTeacher | DenseTeacher, projector: FeatureProjector, settings: FeatureSettings,
-    loss_settings: LossSettings, stage: int,
+    student_out, teacher_out, align_index: torch.Tensor, logit: LossOutput, projector: FeatureProjector,
+    settings: FeatureSettings, stage: int,
 ) -> FeatureLossOutput:
-    """Stage 1: ``w_h * hidden``; stage 2 adds CE, KD and ``w_a * attention`` (module docstring).
+    """Stage 1: ``w_h * hidden``; stage 2 adds CE + KD (``logit``) and ``w_a * attention`` (module docstring).
 
-    student_out / teacher_out: HF outputs with ``logits``, ``hidden_states`` and, when the
-    attention weight is on, ``attentions``. ``logit_teacher`` is already on the student's grid
-    and vocabulary (``rayjobs.distillation.online_teacher``). ``align_index`` ``[B, T_s]``: teacher position per
-    student position, ``-1`` where none (padding included).
+    student_out / teacher_out: HF outputs with ``hidden_states`` and, when the attention weight is
+    on, ``attentions``. ``logit``: the student's CE and KD against the teacher's logits, already
+    computed by the chunked head (``rayjobs.distillation.chunked_head``). ``align_index``
+    ``[B, T_s]``: teacher position per student position, ``-1`` where none (padding included).
     """
     aligned = align_index >= 0
     hidden = hidden_state_loss(student_out.hidden_states, teacher_out.hidden_states, align_index, aligned,
                                projector, settings)
     zero = hidden.new_zeros(())
-    logit = distill_loss(student_out.logits, labels, logit_teacher, loss_settings)
     if stage == 1:
         return FeatureLossOutput(settings.hidden_weight * hidden, logit.ce.detach(), zero, hidden, zero,
                                  logit.num_tokens, logit.num_kd_tokens)

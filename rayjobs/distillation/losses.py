@@ -49,6 +49,12 @@ batch's long and short sequences weigh per token. Logits are upcast to at least 
 Memory: the vocabulary is reduced once (one logsumexp, shared by cross-entropy and top-k KD);
 top-k KD then works on ``[B, T, k + 1]`` gathered values. Only the dense path holds ``[B, T, V]``
 log-probabilities of both models.
+
+Two layers: ``token_terms`` gives each position's cross-entropy and divergence from a block of
+logits, ``reduce_terms`` turns them into the token means and the mix. The trainer never holds a
+whole batch's logits: ``rayjobs.distillation.chunked_head`` runs the head and these two functions
+over a few hundred tokens at a time, with the batch's token counts, so the chunks' losses add up to
+``distill_loss`` of the whole batch (one definition of every term for both paths).
 """
 
 from __future__ import annotations
@@ -238,22 +244,19 @@ def topk_support(
     teacher: TopKTeacher,
     counted: torch.Tensor,
     settings: LossSettings,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Build ``(log_p, log_q, counted)`` over the teacher's top-k support (plus a rest bin).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Build ``(log_p, log_q)`` over the teacher's top-k support (plus a rest bin), tempered.
 
     student_logits: ``[B, T, V]``, already in the compute dtype.
     student_lse: ``[B, T]``, logsumexp of ``student_logits`` over V, shared with cross-entropy so
         the vocabulary is reduced once; only ``[B, T, k]`` values are gathered from the logits.
-    counted: ``[B, T]`` bool, positions wanted in the loss.
-    Returns log_p, log_q ``[B, T, S]`` with S = k (renormalize) or k + 1 (bucket), tempered, and
-    ``counted`` narrowed to positions with at least one id. Uncounted positions are filled with
-    finite dummies (id 0, log-prob 0) whatever the stored values, so that no row is all ``-inf``
-    and they add exactly zero, and no NaN, to the gradient.
+    counted: ``[B, T]`` bool, the positions in the loss (``kd_positions``: each has an id).
+    Returns log_p, log_q ``[B, T, S]`` with S = k (renormalize) or k + 1 (bucket). Uncounted
+    positions are filled with finite dummies (id 0, log-prob 0) whatever the stored values, so that
+    no row is all ``-inf`` and they add exactly zero, and no NaN, to the gradient.
     """
     ids, teacher_lp = teacher.ids, teacher.logprobs.to(student_logits.dtype)
-    valid = ids >= 0
-    counted = counted & valid.any(-1)
-    valid = valid & counted[..., None]
+    valid = (ids >= 0) & counted[..., None]
     live = valid | ~counted[..., None]
     floor = math.log(torch.finfo(teacher_lp.dtype).tiny)
     teacher_lp = torch.where(valid, teacher_lp.clamp(min=floor), 0.0).masked_fill(~live, _NEG_INF)
@@ -263,13 +266,13 @@ def topk_support(
         teacher_rest, student_rest = rest_log_masses(teacher_lp, student_lp)
         teacher_lp = torch.cat([teacher_lp, teacher_rest], dim=-1)
         student_lp = torch.cat([student_lp, student_rest], dim=-1)
-    return temper(teacher_lp, settings.temperature), temper(student_lp, settings.temperature), counted
+    return temper(teacher_lp, settings.temperature), temper(student_lp, settings.temperature)
 
 
 def dense_support(
     student_logits: torch.Tensor, teacher: DenseTeacher, counted: torch.Tensor, settings: LossSettings
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Build ``(log_p, log_q, counted)`` over the full vocabulary, tempered; shapes as top-k.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Build ``(log_p, log_q)`` over the full vocabulary, tempered; shapes as top-k.
 
     Teacher logits at uncounted positions are replaced by zeros (they may be padding garbage).
     """
@@ -279,7 +282,7 @@ def dense_support(
     teacher_logits = torch.where(counted[..., None], teacher.logits.to(student_logits.dtype), 0.0)
     log_p = torch.log_softmax(teacher_logits / t, dim=-1)
     log_q = torch.log_softmax(student_logits / t, dim=-1)
-    return log_p, log_q, counted
+    return log_p, log_q
 
 
 def token_mean(values: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,25 +290,84 @@ def token_mean(values: torch.Tensor, counted: torch.Tensor) -> tuple[torch.Tenso
     return torch.where(counted, values, 0.0).sum() / n.clamp(min=1), n
 
 
+def kd_positions(labels: torch.Tensor, teacher) -> torch.Tensor:
+    """Positions in the KD mean: a label, the teacher's mask, and for a top-k teacher at least one id.
+
+    Needs no logits, so a chunked loss knows the batch's KD token count before its first chunk.
+    """
+    counted = labels != IGNORE_INDEX
+    if teacher.mask is not None:
+        counted = counted & teacher.mask.bool()
+    if isinstance(teacher, TopKTeacher):
+        counted = counted & (teacher.ids >= 0).any(-1)
+    return counted
+
+
+# A KD term: ``(logits, lse, teacher, counted, settings)`` -> per-position value, finite everywhere.
+KdTerm = Callable[[torch.Tensor, torch.Tensor, object, torch.Tensor, LossSettings], torch.Tensor]
+
+
+def divergence_term(logits: torch.Tensor, lse: torch.Tensor, teacher: TopKTeacher | DenseTeacher,
+                    counted: torch.Tensor, settings: LossSettings) -> torch.Tensor:
+    """``settings.divergence`` over the top-k support or the full vocabulary, per position."""
+    if isinstance(teacher, TopKTeacher):
+        log_p, log_q = topk_support(logits, lse, teacher, counted, settings)
+    else:
+        log_p, log_q = dense_support(logits, teacher, counted, settings)
+    return DIVERGENCES[settings.divergence](log_p, log_q, settings)
+
+
 @dataclass(frozen=True)
-class StudentTerms:
-    """The student's side, computed once: logits in the compute dtype, their logsumexp over V,
-    which positions have a label, and the token-mean cross-entropy over them."""
+class TokenTerms:
+    """Per-position values before the token means: ``ce`` (zero without a label) and ``kd`` (zero
+    where not counted, not yet scaled by T^2), with the masks that count them."""
 
-    logits: torch.Tensor
-    lse: torch.Tensor
-    has_label: torch.Tensor
     ce: torch.Tensor
-    num_tokens: torch.Tensor
+    kd: torch.Tensor
+    has_label: torch.Tensor
+    counted: torch.Tensor
 
 
-def student_terms(student_logits: torch.Tensor, labels: torch.Tensor) -> StudentTerms:
+def token_terms(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: TopKTeacher | DenseTeacher | None = None,
+    settings: LossSettings = LossSettings(),
+    kd_term: KdTerm = divergence_term,
+) -> TokenTerms:
+    """Each position's cross-entropy and KD term; shapes as ``distill_loss``, any leading dims.
+
+    The logits are upcast to at least float32 and reduced over V once (the logsumexp is shared by
+    cross-entropy and the KD term). ``kd_term`` is ``divergence_term`` or ULD's
+    (``rayjobs.distillation.xtok.uld_term``).
+    """
     logits = student_logits.to(_compute_dtype(student_logits))
     has_label = labels != IGNORE_INDEX
     lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(-1, torch.where(has_label, labels, 0)[..., None]).squeeze(-1)
-    ce, num_tokens = token_mean(lse - target, has_label)
-    return StudentTerms(logits, lse, has_label, ce, num_tokens)
+    ce = torch.where(has_label, lse - target, 0.0)
+    if settings.kind == "data":
+        return TokenTerms(ce, torch.zeros_like(ce), has_label, torch.zeros_like(has_label))
+    if teacher is None:
+        raise ValueError("kind='logit' needs a teacher (TopKTeacher or DenseTeacher)")
+    counted = kd_positions(labels, teacher)
+    kd = torch.where(counted, kd_term(logits, lse, teacher, counted, settings), 0.0)
+    return TokenTerms(ce, kd, has_label, counted)
+
+
+def reduce_terms(terms: TokenTerms, settings: LossSettings, num_tokens: torch.Tensor | None = None,
+                 num_kd_tokens: torch.Tensor | None = None) -> LossOutput:
+    """``(1 - alpha) * CE + alpha * T^2 * KD`` (CE alone for ``kind="data"``) from token sums.
+
+    The counts default to the masks' own; a chunk of a batch passes the whole batch's counts, so
+    the chunks' outputs (total, ce, kd) add up to the batch's.
+    """
+    n = terms.has_label.sum() if num_tokens is None else num_tokens
+    n_kd = terms.counted.sum() if num_kd_tokens is None else num_kd_tokens
+    ce = terms.ce.sum() / n.clamp(min=1)
+    kd = terms.kd.sum() / n_kd.clamp(min=1) * settings.temperature**2
+    total = ce if settings.kind == "data" else (1.0 - settings.alpha) * ce + settings.alpha * kd
+    return LossOutput(total, ce, kd, n, n_kd)
 
 
 def distill_loss(
@@ -322,19 +384,4 @@ def distill_loss(
         term (prompt, padding).
     teacher: required when ``settings.kind == "logit"``; ignored for ``"data"``.
     """
-    terms = student_terms(student_logits, labels)
-    logits, lse, has_label, ce, num_tokens = terms.logits, terms.lse, terms.has_label, terms.ce, terms.num_tokens
-    if settings.kind == "data":
-        return LossOutput(ce, ce, ce.new_zeros(()), num_tokens, torch.zeros_like(num_tokens))
-    if teacher is None:
-        raise ValueError("kind='logit' needs a teacher (TopKTeacher or DenseTeacher)")
-    counted = has_label if teacher.mask is None else has_label & teacher.mask.bool()
-    if isinstance(teacher, TopKTeacher):
-        log_p, log_q, counted = topk_support(logits, lse, teacher, counted, settings)
-    else:
-        log_p, log_q, counted = dense_support(logits, teacher, counted, settings)
-    per_token = DIVERGENCES[settings.divergence](log_p, log_q, settings)
-    kd, num_kd = token_mean(per_token, counted)
-    kd = kd * settings.temperature**2
-    total = (1.0 - settings.alpha) * ce + settings.alpha * kd
-    return LossOutput(total, ce, kd, num_tokens, num_kd)
+    return reduce_terms(token_terms(student_logits, labels, teacher, settings), settings)

@@ -21,24 +21,30 @@ prompt position (it has consumed no target text on either side). Token ``i`` ali
 ``j`` means positions ``i - 1`` and ``j - 1`` have read the same text. Teacher sequences longer
 than the teacher's context are cut there; student positions aligned past the cut get ``-1``.
 
-Logits. With identical vocabularies the teacher's full logits are the KD target
-(``DenseTeacher``); otherwise its top ``loss.xtok.online_topk`` ids per position are mapped onto
-student ids and merged (``rayjobs.distillation.xtok.map_teacher_topk``), a ``TopKTeacher`` like stored top-k.
+Logits. With identical vocabularies the teacher's full logits are the KD target; otherwise its
+top ``loss.xtok.online_topk`` ids per position are mapped onto student ids and merged
+(``rayjobs.distillation.xtok.map_teacher_topk``), a ``TopKTeacher`` like stored top-k. Neither
+holds the teacher's ``[tokens x V]`` logits: the teacher runs without its head, and its logits are
+made from its last hidden states a chunk of positions at a time (``rayjobs.distillation.chunked_head``):
+inside the student's chunked loss (``DenseTeacherHead``), or reduced to the top-k right away.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from datasets_pipeline.alignment import align_tokens, tokenizer_decoder, tokenizer_vocab_map
 from datasets_pipeline.targets import render_prompt, same_vocabulary
+from rayjobs.distillation.chunked_head import DenseTeacherHead, chunked_rows, no_logits, output_head
 from rayjobs.distillation.collate import CollateSettings, collate
 from rayjobs.distillation.config import TeacherConfig
-from rayjobs.distillation.losses import DenseTeacher, TopKTeacher
+from rayjobs.distillation.losses import TopKTeacher
 from rayjobs.distillation.xtok import gather_positions, map_teacher_topk
 
 ONLINE_COLUMNS = ("messages", "completion")
@@ -140,47 +146,58 @@ def load_teacher(model_dir: str, cfg: TeacherConfig, eager_attention: bool, devi
 
 
 class OnlineTeacher:
-    """Runs the frozen teacher on a collated batch and puts its logits on the student's grid."""
+    """Runs the frozen teacher on a collated batch and puts its distributions on the student's grid."""
 
-    def __init__(self, model: torch.nn.Module, student_tok, teacher_tok, online_topk: int,
-                 with_hidden: bool, with_attention: bool):
+    def __init__(self, model: torch.nn.Module, student_tok, teacher_tok, online_topk: int, with_attention: bool):
         self.model = model
-        self.with_hidden, self.with_attention = with_hidden, with_attention
+        self.with_attention = with_attention
         self.online_topk = online_topk
         self.same_vocab = same_vocabulary(teacher_tok, student_tok)
         self.vocab_map = None if self.same_vocab else torch.tensor(tokenizer_vocab_map(teacher_tok, student_tok))
 
     @torch.no_grad()
     def run(self, batch: dict, device):
+        """The teacher's outputs: every hidden state (the last one feeds its chunked head), no logits."""
         return self.model(input_ids=batch["teacher_input_ids"].to(device),
                           attention_mask=batch["teacher_attention_mask"].to(device),
-                          output_hidden_states=self.with_hidden, output_attentions=self.with_attention,
-                          use_cache=False)
+                          output_hidden_states=True, output_attentions=self.with_attention, use_cache=False,
+                          logits_to_keep=no_logits(device))
 
-    def logit_teacher(self, outputs, align_index: torch.Tensor, student_vocab: int,
-                      raw: bool = False) -> TopKTeacher | DenseTeacher:
+    @contextmanager
+    def head(self) -> Iterator[torch.nn.Linear]:
+        """The teacher's output layer, whole while the context lasts (gathered when ZeRO-3 shards it)."""
+        head = output_head(getattr(self.model, "module", self.model))
+        params = [p for p in (head.weight, head.bias) if p is not None]
+        if not any(hasattr(p, "ds_id") for p in params):
+            yield head
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            yield head
+
+    @torch.no_grad()
+    def logit_teacher(self, outputs, align_index: torch.Tensor, student_vocab: int, head: torch.nn.Linear,
+                      chunk_tokens: int, raw: bool = False) -> TopKTeacher | DenseTeacherHead:
         """The teacher's next-token distributions at the student's positions, in student ids.
 
-        ``raw``: its own top ``online_topk`` in teacher ids, sorted, for ULD (which ignores ids).
+        ``head``: from ``self.head()``, alive while the result is used. ``raw``: its own top
+        ``online_topk`` in teacher ids, sorted, for ULD (which ignores ids).
         """
         mask = align_index >= 0
-        logits = gather_positions(outputs.logits, align_index)
+        hidden = gather_positions(outputs.hidden_states[-1], align_index)
+        if self.same_vocab and not raw:
+            return DenseTeacherHead(hidden, head.weight, head.bias, mask, student_vocab)
         if raw:
-            logprobs, ids = torch.log_softmax(logits.float(), dim=-1).topk(self.online_topk, dim=-1)
-            return TopKTeacher(ids, logprobs, mask)
-        if self.same_vocab:
-            return DenseTeacher(_fit_vocab(logits, student_vocab), mask)
-        ids, logprobs = map_teacher_topk(logits, self.vocab_map.to(logits.device), self.online_topk)
+            reduce = functools.partial(_own_topk, k=self.online_topk)
+        else:
+            vocab_map = self.vocab_map.to(hidden.device)
+            reduce = functools.partial(map_teacher_topk, vocab_map=vocab_map, k=self.online_topk)
+        ids, logprobs = chunked_rows(hidden, head.weight, head.bias, chunk_tokens, reduce)
         return TopKTeacher(ids, logprobs, mask)
 
 
-def _fit_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
-    """Same tokenizer, differently padded embedding rows: cut or pad the teacher's logits to ``width``.
-
-    Rows past the tokenizer are never produced by either model; padding gets the dtype's lowest
-    finite value (zero mass without ``-inf`` arithmetic).
-    """
-    if logits.shape[-1] >= width:
-        return logits[..., :width]
-    pad = logits.new_full((*logits.shape[:-1], width - logits.shape[-1]), torch.finfo(logits.dtype).min)
-    return torch.cat([logits, pad], dim=-1)
+def _own_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, logprobs)`` of the k most likely ids, sorted: what ULD needs of the teacher."""
+    logprobs, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    return ids, logprobs

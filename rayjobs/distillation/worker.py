@@ -173,6 +173,15 @@ def _build_engine(cfg: DistillationConfig, student_dir: str, total_steps: int, w
     return engine, lr_lambda
 
 
+def _peak_memory_mib() -> float:
+    """This worker's peak memory so far: allocated accelerator memory on GPU, peak RSS on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 class _StepMeter:
     """Sums one optimizer step's micro-batch loss terms as tensors (no device sync per micro-batch)."""
 
@@ -193,7 +202,8 @@ class _StepMeter:
         elapsed = time.perf_counter() - self.start
         return {"step": state.step, "epoch": state.epoch, "attempt": state.attempt,
                 **{t: v / n for t, v in zip(self.terms, losses, strict=True)}, "lr": lr,
-                "tokens": int(tokens), "step_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0}
+                "tokens": int(tokens), "step_time_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+                "peak_mem_mib": _peak_memory_mib()}
 
 
 def _progress(row: dict, total_steps: int) -> None:

@@ -38,7 +38,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from rayjobs.distillation.losses import LossOutput, LossSettings, TopKTeacher, rest_log_masses, student_terms, temper, token_mean
+from rayjobs.distillation.losses import (
+    LossOutput,
+    LossSettings,
+    TopKTeacher,
+    reduce_terms,
+    rest_log_masses,
+    temper,
+    token_terms,
+)
 
 METHODS = ("vocab_map", "uld")
 NO_TOKEN = -1
@@ -127,19 +135,14 @@ def gather_positions(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.gather(1, expand)
 
 
-def uld_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher: TopKTeacher,
-             settings: LossSettings) -> LossOutput:
-    """``(1 - alpha) * CE + alpha * T^2 * ULD`` with ULD over sorted top-k + rest (module docstring).
+def uld_term(logits: torch.Tensor, lse: torch.Tensor, teacher: TopKTeacher, counted: torch.Tensor,
+             settings: LossSettings) -> torch.Tensor:
+    """ULD per position: ``sum_r |p_(r) - q_(r)|`` over sorted top-k + rest (a ``losses.KdTerm``).
 
-    Shapes as ``rayjobs.distillation.losses.distill_loss``; ``teacher.logprobs`` must be sorted descending per
-    position (``datasets_pipeline.topk.compact_topk`` stores them so) with ``ids = -1`` padding.
+    ``teacher.logprobs`` must be sorted descending per position (``datasets_pipeline.topk.compact_topk``
+    stores them so) with ``ids = -1`` padding; the student side is its own top-k of ``logits``.
     """
-    terms = student_terms(student_logits, labels)
-    logits, lse = terms.logits, terms.lse
     valid = teacher.ids >= 0
-    counted = terms.has_label & valid.any(-1)
-    if teacher.mask is not None:
-        counted = counted & teacher.mask.bool()
     k = teacher.ids.shape[-1]
     neg_inf = float("-inf")
     # Uncounted positions get finite dummies (as in losses.topk_support): no NaN in the backward.
@@ -152,7 +155,10 @@ def uld_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher: TopKTe
     teacher_rest, student_rest = rest_log_masses(teacher_lp, student_lp)
     p = temper(torch.cat([teacher_lp, teacher_rest], -1), settings.temperature).exp()
     q = temper(torch.cat([student_lp, student_rest], -1), settings.temperature).exp()
-    kd, num_kd = token_mean((p - q).abs().sum(-1), counted)
-    kd = kd * settings.temperature**2
-    total = (1.0 - settings.alpha) * terms.ce + settings.alpha * kd
-    return LossOutput(total, terms.ce, kd, terms.num_tokens, num_kd)
+    return (p - q).abs().sum(-1)
+
+
+def uld_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher: TopKTeacher,
+             settings: LossSettings) -> LossOutput:
+    """``(1 - alpha) * CE + alpha * T^2 * ULD`` (module docstring); shapes as ``losses.distill_loss``."""
+    return reduce_terms(token_terms(student_logits, labels, teacher, settings, kd_term=uld_term), settings)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from rayjobs.distillation.chunked_head import call_head, output_head
 from rayjobs.distillation.config import TeacherConfig
 from rayjobs.distillation.feature_losses import (
     DistillModule,
@@ -84,7 +85,7 @@ def models(tiny_pair, online_batch):
     s_tok, t_tok, _, batch = online_batch("student")
     student = AutoModelForCausalLM.from_pretrained(tiny_pair["student"], attn_implementation="eager")
     teacher = OnlineTeacher(load_teacher(tiny_pair["teacher"], TeacherConfig(), eager_attention=True, device="cpu"),
-                            s_tok, t_tok, online_topk=16, with_hidden=True, with_attention=True)
+                            s_tok, t_tok, online_topk=16, with_attention=True)
     return student, teacher, batch
 
 
@@ -103,9 +104,12 @@ def test_feature_loss_trains_student_and_projections_across_tokenizers(models, s
                     output_hidden_states=True, output_attentions=True)
     out_t = teacher.run(batch, "cpu")
     align = batch["align_index"]
-    logit_teacher = teacher.logit_teacher(out_t, align, out_s.logits.shape[-1])
-    out = feature_distill_loss(out_s, batch["labels"], out_t, align, logit_teacher, projector, settings,
-                               LossSettings(kind="logit", alpha=0.5, temperature=2.0), stage)
+    head = output_head(student)
+    with teacher.head() as t_head:
+        logit_teacher = teacher.logit_teacher(out_t, align, head.out_features, t_head, chunk_tokens=7)
+        logit = call_head(head, out_s.hidden_states[-1], batch["labels"], logit_teacher,
+                          LossSettings(kind="logit", alpha=0.5, temperature=2.0), chunk_tokens=7)
+    out = feature_distill_loss(out_s, out_t, align, logit, projector, settings, stage)
     out.total.backward()
     assert out.total.shape == () and torch.isfinite(out.total)
     assert out.hidden > 0 and out.num_kd_tokens > 0

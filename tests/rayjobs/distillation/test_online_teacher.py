@@ -3,9 +3,11 @@
 import pytest
 import torch
 
+from rayjobs.distillation.chunked_head import DenseTeacherHead, fit_vocab
 from rayjobs.distillation.config import TeacherConfig
-from rayjobs.distillation.losses import DenseTeacher, TopKTeacher
+from rayjobs.distillation.losses import TopKTeacher
 from rayjobs.distillation.online_teacher import OnlineTeacher, load_teacher, position_map
+from rayjobs.distillation.xtok import gather_positions
 
 
 def test_position_map_shifts_the_token_map_by_one():
@@ -37,16 +39,21 @@ def test_teacher_is_frozen_and_its_logits_land_on_student_ids(tiny_pair, online_
     s_tok, t_tok, _, batch = online_batch("student")
     model = load_teacher(tiny_pair["teacher"], TeacherConfig(), eager_attention=False, device="cpu")
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    teacher = OnlineTeacher(model, s_tok, t_tok, online_topk=8, with_hidden=True, with_attention=False)
+    teacher = OnlineTeacher(model, s_tok, t_tok, online_topk=8, with_attention=False)
     out = teacher.run(batch, "cpu")
-    assert len(out.hidden_states) == 5 and not out.logits.requires_grad
+    assert len(out.hidden_states) == 5 and out.logits.shape[1] == 0  # the head runs chunked, later
     student_vocab = 320
-    target = teacher.logit_teacher(out, batch["align_index"], student_vocab)
+    with teacher.head() as head:
+        target = teacher.logit_teacher(out, batch["align_index"], student_vocab, head, chunk_tokens=5)
+        raw = teacher.logit_teacher(out, batch["align_index"], student_vocab, head, chunk_tokens=5, raw=True)
+        full = model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
     assert isinstance(target, TopKTeacher) and target.ids.shape == (*batch["input_ids"].shape, 8)
     valid = target.ids >= 0
     assert (target.ids[valid] < len(s_tok)).all()
-    raw = teacher.logit_teacher(out, batch["align_index"], student_vocab, raw=True)
     assert (raw.logprobs[..., :-1] >= raw.logprobs[..., 1:]).all()  # sorted, for ULD
+    # Chunk by chunk, the same top-k as the teacher's full logits gathered onto the student's grid.
+    expected = torch.log_softmax(gather_positions(full, batch["align_index"]).float(), -1).topk(8, dim=-1)
+    torch.testing.assert_close(raw.logprobs, expected.values)
     # Every real teacher token maps somewhere here; only embedding rows past the tokenizer (a random
     # model gives them mass) map nowhere, and their mass goes to the rest bin.
     mass = torch.where(valid, target.logprobs.exp(), 0.0).sum(-1)[target.mask]
@@ -54,9 +61,15 @@ def test_teacher_is_frozen_and_its_logits_land_on_student_ids(tiny_pair, online_
     assert torch.allclose(mass, real, atol=1e-5) and (mass > 0).all()
 
 
-def test_same_tokenizer_teacher_gives_dense_logits(tiny_pair, online_batch):
+def test_same_tokenizer_teacher_gives_its_full_logits_chunk_by_chunk(tiny_pair, online_batch):
     s_tok, t_tok, _, batch = online_batch("student_same")
     model = load_teacher(tiny_pair["teacher"], TeacherConfig(), eager_attention=False, device="cpu")
-    teacher = OnlineTeacher(model, s_tok, t_tok, online_topk=8, with_hidden=False, with_attention=False)
-    target = teacher.logit_teacher(teacher.run(batch, "cpu"), batch["align_index"], 320)
-    assert isinstance(target, DenseTeacher) and target.logits.shape[-1] == 320
+    teacher = OnlineTeacher(model, s_tok, t_tok, online_topk=8, with_attention=False)
+    with teacher.head() as head:
+        target = teacher.logit_teacher(teacher.run(batch, "cpu"), batch["align_index"], 320, head, chunk_tokens=5)
+        assert isinstance(target, DenseTeacherHead)
+        made = target.chunk(0, 1)  # its positions' logits, made only when a chunk asks for them
+    full = model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
+    expected = fit_vocab(gather_positions(full, batch["align_index"]), 320)[:1]
+    torch.testing.assert_close(made.logits, expected)
+    torch.testing.assert_close(made.mask, batch["align_index"][:1] >= 0)

@@ -1,0 +1,282 @@
+"""The student's LM head and every loss that reads its logits, a chunk of tokens at a time.
+
+Why: a real vocabulary makes the logits the largest tensor of a step. At V = 151,936 (Qwen2.5)
+one 512-token micro-batch of top-k KD grew peak memory by 1.4 GiB through the unchunked loss
+(bf16 logits, their fp32 upcast, log-softmax and the gradients of each, all alive at once), about
+2.8 MB per token: an 8k-token reasoning trace would need ~22 GB for the loss alone. Here at most
+one chunk of ``chunk_tokens x V`` logits exists at a time, so the loss path's memory no longer
+grows with the tokens beyond the hidden states.
+
+How (Liger Kernel's fused linear cross-entropy, in plain torch so it runs on CPU and GPU alike):
+``head_loss`` takes the final hidden states, keeps the positions that have a label (the others
+add nothing to any term) and hands them to ``_ChunkedHeadLoss``. For each chunk it computes the
+logits, the per-position terms of ``losses.token_terms`` (the very function the unchunked
+``distill_loss`` uses, so every divergence, tail, temperature and ULD has one definition) reduced
+with the whole batch's token counts (``losses.reduce_terms``), and asks autograd for the gradient
+of that chunk's loss with respect to its logits alone. The chunk's hidden-state gradient
+(``g @ W``) and its share of the head gradient (``g^T h``) are computed right away and the logits
+dropped. The backward pass only scales the stored gradients by the incoming one: nothing is
+recomputed, and the FLOPs are those of the unchunked path.
+
+Teachers: a stored top-k teacher is sliced per chunk; the online teacher's full logits are made
+per chunk from its hidden states and head (``DenseTeacherHead``); a cross-vocabulary online
+teacher's top-k is reduced chunk by chunk as well (``chunked_rows``).
+
+DeepSpeed: ``call_head`` runs ``head_loss`` *as the head module's forward*, so ZeRO-3's hooks on
+that module gather its (possibly partitioned) weight for the forward and again in the backward,
+where the weight's gradient arrives: a ``[V, H]`` gradient returned for a parameter that is
+partitioned at that moment is refused by autograd. ZeRO 0-2 and plain modules take the same path.
+Weight gradients accumulate in the weight's dtype across chunks, as Liger's do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rayjobs.distillation.losses import (
+    IGNORE_INDEX,
+    DenseTeacher,
+    KdTerm,
+    LossOutput,
+    LossSettings,
+    TopKTeacher,
+    divergence_term,
+    kd_positions,
+    reduce_terms,
+    token_terms,
+)
+
+
+# Logits per chunk when ``chunk_tokens`` is not set: 2**24 (64 MiB in fp32; ~300 MiB for a chunk's
+# loss and gradients), i.e. 110 tokens at V = 151,936 and a whole micro-batch for small vocabularies,
+# which then pay no per-chunk overhead.
+CHUNK_LOGITS = 2**24
+
+
+def chunk_size(chunk_tokens: int | None, vocab: int) -> int:
+    """Tokens per chunk: ``chunk_tokens`` as configured, else sized from the vocabulary."""
+    if chunk_tokens is not None:
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        return chunk_tokens
+    return max(1, CHUNK_LOGITS // vocab)
+
+
+def no_logits(device) -> torch.Tensor:
+    """``logits_to_keep`` for an HF causal LM whose head we run ourselves: no position."""
+    return torch.zeros(0, dtype=torch.long, device=device)
+
+
+def fit_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """Same tokenizer, differently padded embedding rows: cut or pad the teacher's logits to ``width``.
+
+    Rows past the tokenizer are never produced by either model; padding gets the dtype's lowest
+    finite value (zero mass without ``-inf`` arithmetic).
+    """
+    if logits.shape[-1] >= width:
+        return logits[..., :width]
+    pad = logits.new_full((*logits.shape[:-1], width - logits.shape[-1]), torch.finfo(logits.dtype).min)
+    return torch.cat([logits, pad], dim=-1)
+
+
+@dataclass(frozen=True)
+class DenseTeacherHead:
+    """The online teacher's full distribution, made a chunk at a time from its last hidden states.
+
+    hidden: ``[..., H_t]`` teacher states on the student's positions; weight ``[V_t, H_t]`` and bias:
+    its head (gathered by the caller under ZeRO-3); mask: positions with a teacher; width: the
+    student's vocabulary (``fit_vocab``).
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    mask: torch.Tensor | None
+    width: int
+
+    def chunk(self, start: int, end: int) -> DenseTeacher:
+        logits = fit_vocab(F.linear(self.hidden[start:end], self.weight, self.bias), self.width)
+        return DenseTeacher(logits, None if self.mask is None else self.mask[start:end])
+
+
+Teacher = TopKTeacher | DenseTeacherHead | None
+
+
+def _flat(t: torch.Tensor | None, rows: torch.Tensor, trailing: int) -> torch.Tensor | None:
+    """``t``'s positions flattened and ``rows`` picked; ``trailing`` dims after the positions."""
+    if t is None:
+        return None
+    return t.reshape(-1, *t.shape[t.dim() - trailing:]).index_select(0, rows)
+
+
+def _teacher_rows(teacher: Teacher, rows: torch.Tensor) -> Teacher:
+    if isinstance(teacher, TopKTeacher):
+        return TopKTeacher(_flat(teacher.ids, rows, 1), _flat(teacher.logprobs, rows, 1), _flat(teacher.mask, rows, 0))
+    if isinstance(teacher, DenseTeacherHead):
+        return replace(teacher, hidden=_flat(teacher.hidden, rows, 1), mask=_flat(teacher.mask, rows, 0))
+    return None
+
+
+def _teacher_chunk(teacher: Teacher, start: int, end: int) -> TopKTeacher | DenseTeacher | None:
+    if isinstance(teacher, TopKTeacher):
+        mask = None if teacher.mask is None else teacher.mask[start:end]
+        return TopKTeacher(teacher.ids[start:end], teacher.logprobs[start:end], mask)
+    if isinstance(teacher, DenseTeacherHead):
+        return teacher.chunk(start, end)
+    return None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything but the head's inputs: labelled positions only, flattened; the batch's counts."""
+
+    labels: torch.Tensor
+    teacher: Teacher
+    settings: LossSettings
+    kd_term: KdTerm
+    chunk_tokens: int
+    num_tokens: torch.Tensor
+    num_kd_tokens: torch.Tensor
+
+    def chunk_loss(self, logits: torch.Tensor, start: int, end: int) -> LossOutput:
+        terms = token_terms(logits, self.labels[start:end], _teacher_chunk(self.teacher, start, end),
+                            self.settings, self.kd_term)
+        return reduce_terms(terms, self.settings, self.num_tokens, self.num_kd_tokens)
+
+
+def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, job: _Job, start: int,
+           need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's ``[total, ce, kd]`` and the gradient of its total w.r.t. its logits.
+
+    A function of its own so the chunk's logits and graph are freed on return, before the next
+    chunk's exist. The logits are upcast here, as ``losses.token_terms`` would, so the low-precision
+    copy is not kept beside them; the gradient is cast back to the head's dtype.
+    """
+    logits = F.linear(h, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).requires_grad_(need_grad)
+    with torch.set_grad_enabled(need_grad):
+        out = job.chunk_loss(logits, start, start + h.shape[0])
+    sums = torch.stack([out.total, out.ce, out.kd]).detach()
+    return sums, torch.autograd.grad(out.total, logits)[0].to(h.dtype) if need_grad else None
+
+
+def _run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, job: _Job,
+                wanted: tuple[bool, bool, bool]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """``([total, ce, kd], [d hidden, d weight, d bias])``; a gradient only where ``wanted``."""
+    sums = torch.zeros(3, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    grads = [torch.empty_like(hidden) if wanted[0] else None, torch.zeros_like(weight) if wanted[1] else None,
+             torch.zeros_like(bias) if wanted[2] else None]
+    for start in range(0, hidden.shape[0], job.chunk_tokens):
+        h = hidden[start:start + job.chunk_tokens]
+        chunk_sums, g = _chunk(h, weight, bias, job, start, any(wanted))
+        sums += chunk_sums
+        if wanted[0]:
+            torch.mm(g, weight, out=grads[0][start:start + h.shape[0]])
+        if wanted[1]:
+            grads[1].addmm_(g.t(), h)
+        if wanted[2]:
+            grads[2] += g.sum(0)
+        del g  # before the next chunk's logits exist
+    return sums, grads
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """``(hidden [M, H], weight [V, H], bias) -> (total, ce, kd)``; gradients made in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, job: _Job):
+        sums, grads = _run_chunks(hidden, weight, bias, job, tuple(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(*grads)
+        total, ce, kd = (s.clone() for s in sums.unbind())
+        ctx.mark_non_differentiable(ce, kd)
+        return total, ce, kd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, _grad_ce, _grad_kd):
+        grads = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors]
+        return *grads, None
+
+
+def head_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher: Teacher,
+    settings: LossSettings,
+    chunk_tokens: int | None,
+    kd_term: KdTerm = divergence_term,
+) -> tuple[torch.Tensor, ...]:
+    """``LossOutput``'s fields of ``distill_loss(F.linear(hidden, weight, bias), labels, teacher)``.
+
+    hidden: ``[B, T, H]`` final hidden states; labels, teacher: as ``distill_loss`` (a
+    ``DenseTeacherHead`` in place of a ``DenseTeacher``); chunk_tokens: see ``chunk_size``. A plain
+    tuple of tensors, because that is what ZeRO-3's hooks look into when this runs as a module's
+    forward (``call_head``).
+    """
+    chunk_tokens = chunk_size(chunk_tokens, weight.shape[0])
+    has_label = labels != IGNORE_INDEX
+    n = has_label.sum()
+    kd_on = settings.kind == "logit" and teacher is not None
+    n_kd = kd_positions(labels, teacher).sum() if kd_on else torch.zeros_like(n)
+    rows = has_label.reshape(-1).nonzero().squeeze(-1)
+    job = _Job(labels.reshape(-1)[rows], _teacher_rows(teacher, rows), settings, kd_term, chunk_tokens, n, n_kd)
+    picked = _flat(hidden, rows, 1)
+    inputs = [t for t in (picked, weight, bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        total, ce, kd = _ChunkedHeadLoss.apply(picked, weight, bias, job)
+    else:
+        total, ce, kd = _run_chunks(picked, weight, bias, job, (False, False, False))[0].unbind()
+    return total, ce, kd, n, n_kd
+
+
+def call_head(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, teacher: Teacher,
+              settings: LossSettings, chunk_tokens: int | None, kd_term: KdTerm = divergence_term) -> LossOutput:
+    """``head_loss`` with ``head``'s parameters, run through ``head(hidden)`` so that the module's
+    hooks (DeepSpeed ZeRO-3's gather and release) fire around it (module docstring)."""
+
+    def forward(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return head_loss(h, labels, head.weight, head.bias, teacher, settings, chunk_tokens, kd_term)
+
+    head.forward = forward
+    try:
+        return LossOutput(*head(hidden))
+    finally:
+        del head.forward
+
+
+def output_head(model: nn.Module) -> nn.Linear:
+    """The linear layer that makes ``model``'s logits, through peft's ``modules_to_save`` wrapper.
+
+    A head carrying LoRA adapters is refused: its logits are not ``F.linear(h, weight, bias)``.
+    """
+    head = model.get_output_embeddings()
+    saved = getattr(head, "modules_to_save", None)
+    if isinstance(saved, nn.ModuleDict):  # peft's ModulesToSaveWrapper: the copy its forward uses
+        active = head.active_adapters
+        use_copy = not head.disable_adapters and active and active[0] in saved
+        head = saved[active[0]] if use_copy else head.original_module
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"the output head is a {type(head).__name__}, not a linear layer: the chunked head "
+                         "needs a plain one (no LoRA adapters on lm_head; train it in full with "
+                         "lora.modules_to_save instead)")
+    return head
+
+
+def chunked_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_tokens: int | None,
+                 reduce: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """``reduce(logits)`` per chunk of ``hidden``'s positions, the results put back in their shape.
+
+    For a teacher's top-k of its full distribution without holding it: ``hidden [..., H]`` ->
+    outputs ``[..., k]``, under ``torch.no_grad`` by the caller.
+    """
+    chunk_tokens = chunk_size(chunk_tokens, weight.shape[0])
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    parts = [reduce(F.linear(flat[s:s + chunk_tokens], weight, bias)) for s in range(0, flat.shape[0], chunk_tokens)]
+    return tuple(torch.cat(p).reshape(*hidden.shape[:-1], *p[0].shape[1:]) for p in zip(*parts, strict=True))

@@ -260,9 +260,11 @@ def test_overload_is_refused_fast_in_json_with_retry_after_and_recovers(app, cli
     assert set(statuses) <= {200, 503}, statuses
     refused = [(r, dt) for r, dt in results if r.status_code == 503]
     assert len(refused) >= burst - 2 * (AUTOSCALING["max_ongoing_requests"] + AUTOSCALING["max_queued_requests"])
+    print(f"{burst} at once: {statuses.count(200)} answered, {len(refused)} refused")
     for r, _ in refused:
+        assert r.headers["content-type"] == "application/json", (r.headers, r.text[:300])
         err = r.json()["error"]
-        assert r.headers["content-type"] == "application/json" and r.headers["retry-after"] == "1"
+        assert r.headers.get("retry-after") == "1", r.headers
         assert err["type"] == "server_error" and err["code"] == "server_overloaded" and err["message"]
         assert not any(s in r.text for s in ("Traceback", "Exception", "backpressure", "File \"")), r.text[:300]
     assert max(dt for _, dt in refused) < 5.0, f"refusals were slow: {sorted(dt for _, dt in refused)[-3:]}"

@@ -10,7 +10,7 @@ which serve it themselves, instead of the Python proxy actor relaying every requ
 Ray. On a small CPU machine that proxy costs about as much CPU per request as the
 engine's own frontend (bench/serve.py). A cluster opts in the same way, with
 ``RAY_SERVE_ENABLE_HA_PROXY=1`` in every Ray container's environment. Limits, auth,
-autoscaling and the 503 on a full queue behave the same with either proxy.
+autoscaling and the guard's JSON 503 on a full replica behave the same with either proxy.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ This is the topology of ray.serve.llm's "direct streaming" mode without its HAPr
 request router: each request crosses the proxy (HAProxy, or Serve's Python proxy) and one
 replica, instead of the proxy, an ``OpenAiIngress`` replica and the ``LLMServer`` replica
 that ``build_openai_app`` chains; on a 2-core machine every extra Python hop is CPU taken
-from the engine (bench/serve.py). Autoscaling, the per-replica concurrency cap and the
-bounded queue with fast 503s are Serve's own (``service.llm_config.deployment_config``).
+from the engine (bench/serve.py). Autoscaling is Serve's (``service.llm_config.deployment_config``);
+the bounded queue with fast 503s is the guard's (``service.errors.Capacity``), because Serve's
+own full-queue 503 is plain text that no application code can shape.
 
 LoRA adapters are localized on each replica's node and registered with vLLM at start-up;
 clients ask for them as ``<model_id>:<adapter>``.

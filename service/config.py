@@ -23,8 +23,8 @@ class AutoscalingConfig(StrictModel):
     max_queued_requests: int = Field(
         64,
         ge=-1,
-        description="Requests allowed to wait beyond that (per replica with HAProxy, per proxy with the Serve proxy); "
-        "more get a fast 503. -1 = unbounded (not recommended).",
+        description="Requests allowed to wait beyond that, per replica; more get a fast 503 with Retry-After "
+        "(service.guard). -1 = unbounded (not recommended).",
     )
     upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long before a replica is added.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Load must stay low this long before removing a replica.")
@@ -35,6 +35,17 @@ class AutoscalingConfig(StrictModel):
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be >= min_replicas")
         return self
+
+    @property
+    def max_in_flight(self) -> int | None:
+        """Generation requests one replica holds at once (running + waiting); None = unbounded.
+
+        The one place this sum is made: the guard refuses beyond it, and Serve's own limits are
+        set above it (``service.llm_config.deployment_config``) so that the guard refuses first.
+        """
+        if self.max_queued_requests < 0:
+            return None
+        return self.max_ongoing_requests + self.max_queued_requests
 
 
 class LimitsConfig(StrictModel):

@@ -1,4 +1,6 @@
-"""The guard in front of the engine: API key, request limits and optional request logging.
+"""The guard in front of the engine: API key, request limits, the per-replica bound on requests in
+flight (``service.errors.Capacity``: beyond it a JSON 503 with ``Retry-After``) and optional
+request logging.
 
 A plain ASGI middleware wrapped around vLLM's own OpenAI app inside the engine replica
 (``service.app``), so it costs one JSON parse per request and no extra hop. Every refusal
@@ -19,6 +21,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from typing import Any
 
 from cluster.errors import UserError
 from cluster.pii import redact, redact_messages
+from service.errors import Capacity, MaskedSend, send_error
 from service.limits import CHAT_PATH, GENERATE_PATHS, OPEN_PATHS, GuardError, check_body, check_route
 from service.limits import text as message_text
 
@@ -62,6 +66,7 @@ class GuardPolicy:
     max_prompt_chars: int
     max_body_bytes: int
     reject_seed: bool
+    max_in_flight: int | None = None  # generation requests one replica holds; beyond: 503 (service.errors)
 
     @classmethod
     def from_config(cls, cfg) -> GuardPolicy:
@@ -72,6 +77,7 @@ class GuardPolicy:
             max_prompt_chars=cfg.limits.max_prompt_chars,
             max_body_bytes=cfg.limits.max_body_bytes,
             reject_seed=cfg.accelerator == "cpu",
+            max_in_flight=cfg.autoscaling.max_in_flight,
         )
 
 
@@ -222,40 +228,6 @@ class RequestLog:
         await asyncio.to_thread(self.flush)
 
 
-async def _send_error(send: Send, err: GuardError) -> None:
-    payload = json.dumps(err.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    if err.status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
-
-
-def _without_internals(send: Send, path: str) -> Send:
-    """A 5xx from the engine reaches the client as an OpenAI-style error with a request id and no
-    exception text; the original body goes to the log under that id."""
-    held: dict = {}
-
-    async def wrapped(message: Message) -> None:
-        if message["type"] == "http.response.start" and message["status"] >= 500:
-            held.update(status=message["status"], body=[])
-            return
-        if not held:
-            await send(message)
-            return
-        held["body"].append(message.get("body", b""))
-        if message.get("more_body"):
-            return
-        request_id = f"err-{uuid.uuid4().hex[:12]}"
-        log.error("%s %s answered %d: %s", request_id, path, held["status"],
-                  b"".join(held["body"]).decode("utf-8", "replace")[:2000])
-        err = GuardError(held["status"], f"the server failed to process the request (id {request_id})",
-                         code="server_error", type="server_error")
-        await _send_error(send, err)
-
-    return wrapped
-
-
 async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes | None:
     """The whole request body, at most ``limit`` bytes; None if the client went away."""
     too_big = GuardError(413, f"request body exceeds {limit} bytes", code="request_too_large")
@@ -283,6 +255,7 @@ class GuardMiddleware:
                  include_completions: bool = False, redact_pii: bool = True):
         self.app, self.policy, self.request_log = app, policy, request_log
         self.include_completions, self.redact_pii = include_completions, redact_pii
+        self.capacity = Capacity(policy.max_in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -291,17 +264,32 @@ class GuardMiddleware:
         if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
-        send = _without_internals(send, scope["path"])
+        masked = MaskedSend(send, scope["path"])
         try:
-            check_route(scope["path"])
-            if scope["path"] in OPEN_PATHS:
-                await self.app(scope, receive, send)
-                return
-            check_auth(dict(scope["headers"]), self.policy.api_key)
-            admitted = await self._admit(scope, receive)
-        except GuardError as err:
-            await _send_error(send, err)
+            await self._http(scope, receive, masked)
+        except GuardError as err:  # refusals go out unmasked: a 503 for overload is ours, not a failure
+            await send_error(send, err)
+        except Exception:
+            # Without this, Starlette (or Serve, in front of it) answers a plain-text 500.
+            if masked.started:
+                raise
+            await send_error(send, masked.failure(500, traceback.format_exc()))
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        check_route(scope["path"])
+        if scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
             return
+        check_auth(dict(scope["headers"]), self.policy.api_key)
+        if scope["path"] not in GENERATE_PATHS:
+            await self._serve(scope, receive, send)
+            return
+        with self.capacity.slot():
+            await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run an authenticated request past the limits, then through the app (and the request log)."""
+        admitted = await self._admit(scope, receive)
         if admitted is None:  # the client went away
             return
         scope, raw, body = admitted

@@ -31,9 +31,10 @@ class GuardError(Exception):
     """A refused request: HTTP status plus the OpenAI error fields."""
 
     def __init__(self, status: int, message: str, *, code: str, param: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", retry_after_s: int | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.type = status, message, code, param, type
+        self.retry_after_s = retry_after_s  # sent as Retry-After (whole seconds, RFC 9110)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

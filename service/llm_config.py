@@ -2,7 +2,7 @@
 
 Everything the engine replica needs is decided here, so it can be checked without starting
 anything: the model source, the vLLM engine arguments, the placement bundles (CPU vs GPU),
-and the Serve deployment options (autoscaling, queue bounds, backpressure).
+and the Serve deployment options (autoscaling, Serve's admission above the guard's queue bound).
 
 LoRA adapters are not passed as ``LLMConfig.lora_config``: that path (Serve multiplexing)
 takes only a remote ``dynamic_lora_loading_path`` (s3://, gs://, azure://) holding one
@@ -23,9 +23,9 @@ from service.config import ServingConfig
 _RESERVED_ENGINE_KWARGS = ("model", "served_model_name")
 # ray.serve.llm's multiplexed-LoRA id separator; our adapter ids follow the same scheme.
 LORA_SEPARATOR = ":"
-# Serve's answer when the queue is full: fast, with a hint on when to come back.
-OVERLOAD_STATUS = 503
-OVERLOAD_RETRY_AFTER_S = 1.0
+# Serve admits this many times what the guard holds per replica, so requests beyond the guard's
+# bound reach the guard (and get its JSON 503) instead of waiting in Serve for a slot.
+SERVE_ADMISSION_FACTOR = 2
 
 
 def adapter_model_id(model_id: str, adapter: str) -> str:
@@ -82,13 +82,17 @@ def placement_group_config(cfg: ServingConfig, engine: dict[str, Any]) -> dict[s
 def deployment_config(cfg: ServingConfig) -> dict[str, Any]:
     """Serve options of the engine deployment, which is also the HTTP ingress.
 
-    ``target_ongoing_requests`` and ``max_ongoing_requests`` are always explicit: the
-    ray.serve.llm defaults (1e9) mean "never autoscale" and "never queue". Requests beyond
-    ``max_ongoing_requests`` per replica wait (in the replica with HAProxy, in the Serve
-    proxy otherwise); beyond ``max_queued_requests`` Serve answers 503 at once instead of
-    letting latency grow.
+    ``target_ongoing_requests`` is always explicit: the ray.serve.llm default (1e9) means
+    "never autoscale". The bounded queue is the guard's, not Serve's: Serve's own 503 on a
+    full queue is plain text ("Request dropped due to backpressure") written by the replica
+    (HAProxy mode) or the proxy before our code runs, and Serve offers no hook to shape it.
+    So Serve's queue is unbounded (-1) and its per-replica limit is twice the guard's bound
+    (``AutoscalingConfig.max_in_flight``): the guard refuses the surplus itself, with an
+    OpenAI-style JSON 503 and ``Retry-After``, and a refusal frees its Serve slot at once.
+    Requests wait in vLLM's scheduler (``max_num_seqs`` = ``max_ongoing_requests``).
     """
     a = cfg.autoscaling
+    bound = a.max_in_flight
     return {
         "autoscaling_config": {
             "min_replicas": a.min_replicas,
@@ -98,9 +102,8 @@ def deployment_config(cfg: ServingConfig) -> dict[str, Any]:
             "downscale_delay_s": a.downscale_delay_s,
             "look_back_period_s": a.look_back_period_s,
         },
-        "max_ongoing_requests": a.max_ongoing_requests,
-        "max_queued_requests": a.max_queued_requests,
-        "backpressure_config": {"status_code": OVERLOAD_STATUS, "retry_after_s": OVERLOAD_RETRY_AFTER_S},
+        "max_ongoing_requests": a.max_ongoing_requests if bound is None else SERVE_ADMISSION_FACTOR * bound,
+        "max_queued_requests": -1,
         # One line per request in the replica log is real CPU on small machines; the
         # engine's own stats and the proxy's metrics still count every request.
         "logging_config": {"enable_access_log": False},

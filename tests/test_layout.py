@@ -30,7 +30,7 @@ PURE = (
     "datasets_pipeline.alignment", "datasets_pipeline.prompts", "datasets_pipeline.targets",
     "datasets_pipeline.answers", "datasets_pipeline.assemble", "datasets_pipeline.topk", "datasets_pipeline.records",
     "datasets_pipeline.stats",
-    "service.llm_config", "service.guard",
+    "service.llm_config", "service.guard", "service.errors",
     "cluster.config", "cluster.kv_cache", "datasets_pipeline.config", "service.config",
     "rayjobs.distillation.config", "rayjobs.config",
 )

@@ -1,6 +1,7 @@
 """The guard on its own: auth, limits, request-log rows, and the ASGI middleware driven by hand."""
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -141,7 +142,8 @@ class _App:
             await send({"type": "http.response.body", "body": chunk, "more_body": i < len(self.chunks) - 1})
 
 
-def _call(mw, path, body: bytes, headers=(), method="POST", chunked=False):
+async def _request(mw, path, body: bytes, headers=(), method="POST", chunked=False) -> list[dict]:
+    """The ASGI messages ``mw`` sends for one request."""
     sent = []
     parts = [body[i:i + 700] for i in range(0, len(body), 700)] or [b""] if chunked else [body]
 
@@ -156,9 +158,13 @@ def _call(mw, path, body: bytes, headers=(), method="POST", chunked=False):
 
     hdrs = list(headers) + ([] if chunked else [(b"content-length", str(len(body)).encode())])
     scope = {"type": "http", "method": method, "path": path, "headers": hdrs}
-    asyncio.run(mw(scope, receive, send))
-    status = sent[0]["status"]
-    return status, b"".join(m.get("body", b"") for m in sent[1:])
+    await mw(scope, receive, send)
+    return sent
+
+
+def _call(mw, path, body: bytes, headers=(), method="POST", chunked=False):
+    sent = asyncio.run(_request(mw, path, body, headers, method, chunked))
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
 
 AUTH = [(b"authorization", b"Bearer k3y")]
@@ -256,14 +262,59 @@ def test_a_non_loopback_bind_without_key_is_refused():
         check_exposure("0.0.0.0", None, False)
 
 
-def test_engine_errors_reach_clients_without_internals(caplog):
-    """#17 item 4: a 500's body (exception text) is logged under a request id, not sent."""
-    app = _App(status=500, chunks=[b"Traceback ... ValueError: secret internals"])
+class _Raises(_App):
+    async def __call__(self, scope, receive, send):
+        raise ValueError("secret internals")
+
+
+@pytest.mark.parametrize("app, logged", [
+    (_App(status=500, chunks=[b"Traceback ... ValueError: secret internals"]), "secret internals"),
+    # #17 item 4: an app that raised before answering got Starlette's (or Serve's) plain-text 500.
+    (_Raises(), "ValueError: secret internals"),
+], ids=["answered-500", "raised"])
+def test_engine_errors_reach_clients_without_internals(caplog, app, logged):
+    """#17 item 4: a 500's body or traceback is logged under a request id, not sent."""
     status, body = _call(GuardMiddleware(app, policy=POLICY), CHAT_PATH, json.dumps(_chat()).encode(), AUTH)
     err = json.loads(body)["error"]
     assert status == 500 and err["type"] == "server_error" and "internals" not in body.decode()
     request_id = err["message"].rsplit("id ", 1)[1].rstrip(")")
-    assert any(request_id in r.message and "secret internals" in r.message for r in caplog.records)
+    assert any(request_id in r.message and logged in r.message for r in caplog.records)
+
+
+class _Slow(_App):
+    """Answers chat requests only once ``release`` is set, so they pile up in flight."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope, receive, send):
+        if scope["path"] == CHAT_PATH:
+            await self.release.wait()
+        await super().__call__(scope, receive, send)
+
+
+def test_beyond_the_bound_a_json_503_with_retry_after_then_admitted_again():
+    """#17 item 4: Serve's own full-queue 503 is plain text; the guard's bound answers first, in JSON."""
+    mw = GuardMiddleware(app := _Slow(), policy=dataclasses.replace(POLICY, max_in_flight=2))
+    chat = json.dumps(_chat()).encode()
+
+    async def go():
+        held = [asyncio.create_task(_request(mw, CHAT_PATH, chat, AUTH)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        refused = await _request(mw, CHAT_PATH, chat, AUTH)
+        others = [await _request(mw, p, b"", AUTH, m) for p, m in (("/health", "GET"), ("/v1/models", "GET"))]
+        app.release.set()
+        done = await asyncio.gather(*held)
+        return refused, others, done, await _request(mw, CHAT_PATH, chat, AUTH)
+
+    refused, others, done, after = asyncio.run(go())
+    assert refused[0]["status"] == 503 and dict(refused[0]["headers"])[b"retry-after"] == b"1"
+    err = json.loads(refused[1]["body"])["error"]
+    assert err["code"] == "server_overloaded" and "serving.autoscaling.max_queued_requests" in err["message"]
+    assert {m[0]["status"] for m in others} == {200}  # probes and model listing are never counted
+    assert [m[0]["status"] for m in done] == [200, 200] and after[0]["status"] == 200
+    assert mw.capacity.in_flight == 0
 
 
 @pytest.mark.parametrize("messages", [

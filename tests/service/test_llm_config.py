@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from service.config import ServingConfig
 from service.llm_config import (
-    OVERLOAD_STATUS,
+    SERVE_ADMISSION_FACTOR,
     adapter_model_id,
     deployment_config,
     engine_kwargs,
@@ -29,8 +29,12 @@ def test_autoscaling_and_queue_are_explicit():
     d = deployment_config(cfg)
     assert d["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2,
                                        "upscale_delay_s": 1, "downscale_delay_s": 4, "look_back_period_s": 2}
-    assert d["max_ongoing_requests"] == 8 and d["max_queued_requests"] == 5
-    assert d["backpressure_config"]["status_code"] == OVERLOAD_STATUS in (429, 503)
+    # #17 item 4: Serve's own full-queue 503 is plain text, so Serve never refuses (unbounded queue) and
+    # admits more than the guard's bound (8 running + 5 waiting): the guard refuses first, in JSON.
+    assert cfg.autoscaling.max_in_flight == 13
+    assert d["max_queued_requests"] == -1 and d["max_ongoing_requests"] == SERVE_ADMISSION_FACTOR * 13 > 13
+    unbounded = _cfg(autoscaling={"max_ongoing_requests": 8, "max_queued_requests": -1})
+    assert unbounded.autoscaling.max_in_flight is None and deployment_config(unbounded)["max_ongoing_requests"] == 8
     # The ray.serve.llm defaults are 1e9: never scale, never queue. Ours are always set.
     assert _cfg().autoscaling.target_ongoing_requests < 1e6
     assert deployment_config(_cfg())["max_ongoing_requests"] < 1e6

@@ -23,6 +23,10 @@ class InputConfig(StrictModel):
     system_field: str | None = Field(None, description="Optional field holding a system prompt.")
     answer_field: str | None = Field("answer", description="Optional field holding the reference answer.")
     id_field: str | None = Field("id", description="Optional stable row id; a content hash is used when absent.")
+    response_field: str | None = Field(
+        None, description="Field holding the teacher's response to the row's prompt (existing R1 traces): each row "
+        "is then one teacher sample, no engine generates, and parsing, verification, filters and student "
+        "tokenization apply as to generated samples. Rows without it, or with an empty one, are rejects.")
     max_prompt_chars: int = Field(8000, ge=1, description="Longer prompts are rejected (with the reason) rather than sent.")
     limit: int | None = Field(None, ge=1, description="Read at most this many rows (smoke runs).")
 
@@ -101,3 +105,33 @@ class GenerationConfig(StrictModel):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     student_tokenizer: str | None = Field(None, description="Student tokenizer; defaults to distillation.student.")
     student_max_len: int | None = Field(None, ge=16, description="Student context; defaults to distillation.max_seq_len.")
+    score_supplied: bool = Field(
+        False, description="With input.response_field: run the teacher over prompt + supplied response (vLLM prompt "
+        "logprobs, one forward pass, no sampling) and store its top sampling.logprobs_topk per response token, "
+        "as generation does, so logit KD can use supplied traces. Off: no engine starts and the shards carry no "
+        "teacher logprobs (loss.kind 'data' only).")
+
+    @model_validator(mode="after")
+    def _supplied_samples(self):
+        """Supplied responses change what the sampling block can mean; say so instead of ignoring it."""
+        supplied, k = self.input.response_field is not None, self.sampling.logprobs_topk
+        if self.score_supplied and not supplied:
+            raise ValueError("score_supplied needs input.response_field (the responses to score)")
+        if self.score_supplied and not k:
+            raise ValueError("score_supplied needs sampling.logprobs_topk > 0 (teacher top-k kept per response token)")
+        if supplied and k and not self.score_supplied:
+            raise ValueError("sampling.logprobs_topk with input.response_field stores nothing unless the teacher "
+                             "scores the supplied responses: set score_supplied: true, or logprobs_topk: 0")
+        if supplied and self.sampling.n != 1:
+            raise ValueError("input.response_field: each row supplies one sample, so sampling.n must be 1")
+        return self
+
+    @property
+    def samples_source(self) -> str:
+        """'supplied' (the input's responses) or 'generated' (sampled from the teacher); in the manifest."""
+        return "generated" if self.input.response_field is None else "supplied"
+
+    @property
+    def runs_engine(self) -> bool:
+        """Whether a vLLM engine starts: to generate, or to score supplied responses."""
+        return self.input.response_field is None or self.score_supplied

@@ -79,3 +79,14 @@ def sampling_params(cfg: GenerationConfig) -> dict:
     if s.logprobs_topk:
         params["logprobs"] = s.logprobs_topk
     return params
+
+
+def scoring_params(cfg: GenerationConfig) -> dict:
+    """vLLM SamplingParams that score a supplied response instead of sampling one.
+
+    The request's tokens are prompt + response; ``prompt_logprobs`` asks for the teacher's top-k at
+    every one of them (a prefill, no decoding), and one new token is the least vLLM generates.
+    Greedy and undetokenized: that token is thrown away. Logprobs are vLLM's raw ones, as in
+    generation, so a scored and a generated sample of the same text store the same top-k.
+    """
+    return {"temperature": 0.0, "max_tokens": 1, "detokenize": False, "prompt_logprobs": cfg.sampling.logprobs_topk}

@@ -1,5 +1,8 @@
 """Teacher generation: Ray Data streams prompts through a vLLM actor pool into student preprocessing.
 
+Supplied samples (``input.response_field``) skip the engine, or go through it once to be scored
+(``score_supplied``): the preprocessing, rejects, shards and manifest are the same.
+
 Wiring only: the row logic lives in ``stages``, bookkeeping in ``assemble``, storage
 in ``shards``. The driver just drains the stream into shards (it never holds more
 than one shard of rows), so memory stays flat as the input grows.
@@ -13,11 +16,13 @@ import time
 from collections import Counter
 from functools import partial
 
+from datasets_pipeline import records as R
 from datasets_pipeline.assemble import Assembler, Completed
 from datasets_pipeline.config import GenerationConfig
 from datasets_pipeline.engine import kv_cache_size, processor_kwargs, sampling_params
 from datasets_pipeline.shards import Progress, ShardStore
-from datasets_pipeline.stages import InputRejects, PromptStage, StudentStage, compact_engine_output
+from datasets_pipeline.stages import (SAMPLE_KEYS, InputRejects, PromptStage, StudentStage, SuppliedStage,
+                                      compact_engine_output, compact_scored_output)
 from datasets_pipeline.stats import SPLITS, total
 
 PROGRESS_EVERY_S = 10.0
@@ -96,21 +101,11 @@ def _one_actor():
     return ray.data.ActorPoolStrategy(size=1)
 
 
-def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests, kv_cache_bytes: int | None):
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
-    processor = build_processor(
-        vLLMEngineProcessorConfig(**processor_kwargs(cfg, teacher, kv_cache_bytes)),
-        postprocess=partial(compact_engine_output, k=cfg.sampling.logprobs_topk),
-    )
-    cfg_json = cfg.model_dump(mode="json")
-    # An input file is read as one block, and the engine stage keeps a task's output in one block
-    # until the task ends: without this, no row would reach the driver (progress, shard commits)
-    # before the whole file was generated. Blocks of batch_size rows stream through one by one.
-    requests = requests.repartition(target_num_rows_per_block=cfg.engine.batch_size)
-    out = processor(requests).map(
+def _student_pass(cfg: GenerationConfig, teacher: str, student: str, samples):
+    """Teacher samples (engine output rows, or supplied ones) through ``StudentStage``, in input order."""
+    out = samples.map(
         StudentStage,
-        fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "student_path": student},
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "teacher_path": teacher, "student_path": student},
         compute=_one_actor(),
         num_cpus=0.5,
     )
@@ -121,11 +116,42 @@ def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests, kv
     return out
 
 
+def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests, kv_cache_bytes: int | None,
+                 postprocess):
+    """Requests through the ray.data.llm vLLM pool, ``postprocess`` compacting each answer, then the student."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    processor = build_processor(
+        vLLMEngineProcessorConfig(**processor_kwargs(cfg, teacher, kv_cache_bytes)), postprocess=postprocess)
+    # An input file is read as one block, and the engine stage keeps a task's output in one block
+    # until the task ends: without this, no row would reach the driver (progress, shard commits)
+    # before the whole file was generated. Blocks of batch_size rows stream through one by one.
+    requests = requests.repartition(target_num_rows_per_block=cfg.engine.batch_size)
+    return _student_pass(cfg, teacher, student, processor(requests))
+
+
+def _passes(cfg: GenerationConfig, teacher: str, student: str, requests, kv_cache_bytes: int | None):
+    """The stream of student rows, and how to retry its engine errors once (None: they are set aside).
+
+    Supplied samples need no engine. A scoring request is not retried: it fails for what it is
+    (mostly prompt + response longer than engine.max_model_len), which a retry does not change.
+    """
+    k = cfg.sampling.logprobs_topk
+    if not cfg.runs_engine:
+        return _student_pass(cfg, teacher, student, requests), None
+    if cfg.score_supplied:
+        return _engine_pass(cfg, teacher, student, requests, kv_cache_bytes,
+                            partial(compact_scored_output, k=k)), None
+    post = partial(compact_engine_output, k=k)
+    return (_engine_pass(cfg, teacher, student, requests, kv_cache_bytes, post),
+            lambda rows: _engine_pass(cfg, teacher, student, _retry_requests(rows, cfg), kv_cache_bytes, post))
+
+
 def _retry_requests(rows: list[dict], cfg: GenerationConfig):
     """Engine-error rows as engine requests again, with the prompt StudentStage put in them."""
     import ray.data
 
-    keys = ("prompt_id", "sample_id", "sample_index", "split", "messages", "reference", "prompt")
+    keys = (*SAMPLE_KEYS, "prompt")
     return ray.data.from_items([{**{k: r[k] for k in keys}, "sampling_params": sampling_params(cfg)} for r in rows])
 
 
@@ -153,15 +179,18 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
 
     assembler = Assembler(cfg.sampling.n, cfg.preprocess.keep, cfg.preprocess.dedupe, prog.done, prog.dedupe_keys)
     requests = source.flat_map(
-        PromptStage, fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "done": prog.done},
+        SuppliedStage if cfg.samples_source == "supplied" else PromptStage,
+        fn_constructor_kwargs={"cfg": cfg_json, "teacher_path": teacher, "done": prog.done},
         compute=_one_actor(),
     )
-    kv = kv_cache_size(cfg, teacher)
-    kv_cache_bytes = kv.bytes if kv else None
+    kv = kv_cache_size(cfg, teacher) if cfg.runs_engine else None
     if kv:
         log(f"generation: KV cache {kv.gib:.3f} GiB per engine ({kv.how})")
+    if not cfg.runs_engine:
+        log(f"generation: samples supplied by {cfg.input.path} ({cfg.input.response_field}); no engine runs")
     start = time.perf_counter()
-    tokens = _drain(cfg, teacher, student, requests, kv_cache_bytes, writer, assembler, input_rejects, log)
+    stream, rerun = _passes(cfg, teacher, student, requests, kv.bytes if kv else None)
+    tokens = _drain(stream, rerun, writer, assembler, input_rejects, log)
     for bad in input_rejects.rest():
         writer.add_input_reject(bad)
     incomplete = assembler.close()
@@ -174,16 +203,16 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
     return _finish_manifest(store, cfg, writer.totals, config_digest, wall, tokens, log)
 
 
-def _drain(cfg: GenerationConfig, teacher: str, student: str, requests, kv_cache_bytes: int | None,
-           writer: ShardWriter, assembler: Assembler, input_rejects: BackgroundRows, log) -> int:
-    """Stream the engine's rows into shards (engine errors retried once); returns generated tokens."""
+def _drain(stream, rerun, writer: ShardWriter, assembler: Assembler, input_rejects: BackgroundRows, log) -> int:
+    """Stream student rows into shards, engine errors through ``rerun`` once when it is given;
+    returns the teacher tokens."""
     start = time.perf_counter()
     tokens = samples = 0
     last_log = start
     retry: list[dict] = []
     for attempt in (1, 2):
-        for row in _engine_pass(cfg, teacher, student, requests, kv_cache_bytes).iter_rows():
-            if row["status"] == "engine_error" and attempt == 1:
+        for row in stream.iter_rows():
+            if row["status"] == R.ENGINE_ERROR and rerun is not None and attempt == 1:
                 retry.append(row)
                 continue
             samples += 1
@@ -199,8 +228,9 @@ def _drain(cfg: GenerationConfig, teacher: str, student: str, requests, kv_cache
         if not retry or attempt == 2:
             break
         log(f"generation: retrying {len(retry)} samples that failed in the engine")
-        requests = _retry_requests(retry, cfg)
+        stream = rerun(retry)
     return tokens
+
 
 def _finish_manifest(store: ShardStore, cfg: GenerationConfig, totals: Counter, digest: str,
                      wall: float, tokens_this_run: int, log) -> dict:
@@ -217,6 +247,7 @@ def _finish_manifest(store: ShardStore, cfg: GenerationConfig, totals: Counter, 
     manifest = {
         "complete": True,
         "config_digest": digest,
+        "samples_source": cfg.samples_source,
         "output": cfg.output,
         "counts": dict(totals),
         "rows": {split: total(stats, "rows", [split]) for split in SPLITS},

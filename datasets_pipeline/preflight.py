@@ -3,7 +3,8 @@ output can be written and is not another config's. No Ray: this runs before anyt
 
 Reads at most ``SAMPLE_ROWS`` rows (the first lines of the first JSONL file, or the first record
 batch of the first Parquet file), through the same ``prompts.to_prompt`` the pipeline applies,
-so a mapping that matches no row is reported in a second instead of as a run of rejects.
+so a mapping that matches no row is reported in a second instead of as a run of rejects. With
+``response_field`` a row must hold a response too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pyarrow import fs as pafs
 
 from cluster.storage import filesystem, is_s3
 from datasets_pipeline.config import InputConfig
-from datasets_pipeline.prompts import Rejected, parse_json_line, to_prompt
+from datasets_pipeline.prompts import Rejected, parse_json_line, to_prompt, to_response
 from datasets_pipeline.shards import ForeignOutput, ShardStore
 from datasets_pipeline.sources import detect_format
 
@@ -74,6 +75,8 @@ def check_input(cfg: InputConfig, path: str) -> list[str]:
     for row in rows:
         try:
             to_prompt(row, cfg)
+            if cfg.response_field:
+                to_response(row, cfg)
             return []
         except Rejected as e:
             reasons.append(str(e))

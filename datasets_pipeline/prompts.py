@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from datasets_pipeline import records as R
 from datasets_pipeline.config import InputConfig
 
 
@@ -23,6 +24,18 @@ class Prompt:
 
 class Rejected(ValueError):
     """A row that cannot become a prompt; the message is the reason recorded."""
+
+
+class NoResponse(Rejected):
+    """A row whose supplied response is missing or empty (``input.response_field``).
+
+    ``reason`` is the counted name (``records.MISSING_RESPONSE`` or ``EMPTY_RESPONSE``), so these
+    show in the manifest apart from malformed prompts; the message says what was found.
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
 
 
 def _hash(obj) -> str:
@@ -87,6 +100,19 @@ def to_prompt(row: dict, cfg: InputConfig) -> Prompt:
     raw_id = row.get(cfg.id_field) if cfg.id_field else None
     prompt_id = str(raw_id) if raw_id not in (None, "") else _hash(messages)
     return Prompt(prompt_id=prompt_id, messages=messages, reference=reference)
+
+
+def to_response(row: dict, cfg: InputConfig) -> str:
+    """The row's supplied teacher response (``cfg.response_field``), or ``NoResponse`` saying why not."""
+    field = cfg.response_field
+    value = row.get(field)
+    if value is None:
+        raise NoResponse(R.MISSING_RESPONSE, f"missing field '{field}'")
+    if not isinstance(value, str):
+        raise NoResponse(R.MISSING_RESPONSE, f"field '{field}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise NoResponse(R.EMPTY_RESPONSE, f"field '{field}' is empty")
+    return value
 
 
 def split_of(prompt_id: str, val_fraction: float, seed: int = 0) -> str:

@@ -44,7 +44,8 @@ SAMPLE_SCHEMA = pa.schema(
 REJECT_SCHEMA = pa.schema(
     [
         pa.field("source", pa.string(), nullable=False),  # prompt_id, sample_id or file:line
-        pa.field("stage", pa.string(), nullable=False),  # input | prompt | engine | preprocess | filter | assemble
+        # input | prompt | response | engine | preprocess | filter | assemble
+        pa.field("stage", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string()),  # truncated raw row or error text
     ]
@@ -62,3 +63,5 @@ ENGINE_ERROR = "engine_error"
 PREPROCESS_ERROR = "preprocess_error"
 CHAT_TEMPLATE = "chat_template"  # the teacher's chat template refused the prompt's messages
 INCOMPLETE_SAMPLES = "incomplete_samples"  # the stream ended before all n samples of the prompt came
+MISSING_RESPONSE = "missing_response"  # input.response_field: the row has no response (or not a string)
+EMPTY_RESPONSE = "empty_response"  # input.response_field: the response is empty or blank

@@ -18,8 +18,9 @@ from datasets_pipeline import records as R
 from datasets_pipeline.alignment import tokenizer_decoder, tokenizer_vocab_map
 from datasets_pipeline.answers import CHECKERS, split_reasoning
 from datasets_pipeline.config import GenerationConfig
-from datasets_pipeline.engine import sampling_params
-from datasets_pipeline.prompts import Prompt, Rejected, parse_json_line, preview, split_of, to_prompt
+from datasets_pipeline.engine import sampling_params, scoring_params
+from datasets_pipeline.prompts import (NoResponse, Prompt, Rejected, parse_json_line, preview, split_of, to_prompt,
+                                       to_response)
 from datasets_pipeline.targets import TooLong, build_student_example, render_prompt, same_vocabulary
 from datasets_pipeline.topk import compact_topk
 
@@ -34,10 +35,10 @@ class TemplateRefused(Exception):
     """The teacher's chat template raised on a prompt's messages (roles, their order, ...)."""
 
 
-def _prompt(row: dict, cfg: GenerationConfig) -> Prompt:
-    """The row's prompt, its messages redacted when ``preprocess.redact_pii`` says so (before they are
-    rendered, generated from or written: the served request log is next round's input)."""
-    prompt = to_prompt(parse_json_line(row["raw"]), cfg.input)
+def _prompt(record: dict, cfg: GenerationConfig) -> Prompt:
+    """The input record's prompt, its messages redacted when ``preprocess.redact_pii`` says so (before
+    they are rendered, generated from or written: the served request log is next round's input)."""
+    prompt = to_prompt(record, cfg.input)
     if cfg.preprocess.redact_pii:
         prompt = replace(prompt, messages=redact_messages(prompt.messages))
     return prompt
@@ -52,17 +53,23 @@ def _render(tokenizer, messages: list[dict]) -> str:
         raise TemplateRefused(f"{type(e).__name__}: {e}"[:500]) from None
 
 
-class InputRejects:
-    """Emit one reject row per input row that cannot become a prompt, or that the chat template refuses.
-
-    It renders every prompt (as PromptStage does) so that a refused one is recorded here, beside the
-    other input rejects; PromptStage just drops it.
-    """
+class _InputStage:
+    """A stage over input rows: the config and the teacher's tokenizer (its chat template), loaded once
+    per actor; ``done``: what committed shards already hold (sources, prompt ids), skipped on resume."""
 
     def __init__(self, cfg: dict, teacher_path: str, done: set[str] = frozenset()):
         self.cfg = GenerationConfig.model_validate(cfg)
         self.tokenizer = _load_tokenizer(teacher_path)
         self.done = done
+
+
+class InputRejects(_InputStage):
+    """Emit one reject row per input row that cannot become a prompt, that the chat template refuses,
+    or (``input.response_field``) whose response is missing or empty.
+
+    It renders every prompt (as PromptStage does) so that a refused one is recorded here, beside the
+    other input rejects; PromptStage and SuppliedStage just drop it.
+    """
 
     def __call__(self, row: dict) -> list[dict]:
         if row["source"] in self.done:
@@ -70,8 +77,13 @@ class InputRejects:
         if row.get("error"):  # a file, or the rest of one, that could not be read (sources)
             return [{"source": row["source"], "stage": "input", "reason": row["error"], "detail": None}]
         try:
-            _render(self.tokenizer, _prompt(row, self.cfg).messages)
+            record = parse_json_line(row["raw"])
+            _render(self.tokenizer, _prompt(record, self.cfg).messages)
+            if self.cfg.input.response_field:
+                to_response(record, self.cfg.input)
             return []
+        except NoResponse as e:
+            stage, reason, why = "response", e.reason, f"{e} | "
         except Rejected as e:
             stage, reason, why = "input", str(e), ""
         except TemplateRefused as e:
@@ -81,37 +93,86 @@ class InputRejects:
         return [{"source": row["source"], "stage": stage, "reason": reason, "detail": why + detail}]
 
 
-class PromptStage:
+class PromptStage(_InputStage):
     """Valid input row -> n engine requests with the teacher's chat template applied."""
-
-    def __init__(self, cfg: dict, teacher_path: str, done: set[str] = frozenset()):
-        self.cfg = GenerationConfig.model_validate(cfg)
-        self.tokenizer = _load_tokenizer(teacher_path)
-        self.done = done
 
     def __call__(self, row: dict) -> list[dict]:
         try:
-            prompt = _prompt(row, self.cfg)
+            prompt = _prompt(parse_json_line(row["raw"]), self.cfg)
             if prompt.prompt_id in self.done:
                 return []
             text = _render(self.tokenizer, prompt.messages)
         except (Rejected, TemplateRefused):  # recorded by InputRejects
             return []
-        split = split_of(prompt.prompt_id, self.cfg.preprocess.val_fraction, self.cfg.preprocess.split_seed)
-        out = []
-        for i in range(self.cfg.sampling.n):
-            sample_id = f"{prompt.prompt_id}/{i}"
-            out.append({
-                "prompt_id": prompt.prompt_id,
-                "sample_id": sample_id,
-                "sample_index": i,
-                "split": split,
-                "messages": json.dumps(prompt.messages, ensure_ascii=False),
-                "reference": prompt.reference,
-                "prompt": text,
-                "sampling_params": sampling_params(self.cfg),
-            })
-        return out
+        return [{**_sample_keys(prompt, self.cfg, i), "prompt": text, "sampling_params": sampling_params(self.cfg)}
+                for i in range(self.cfg.sampling.n)]
+
+
+# What identifies a sample (and carries its prompt) from the first stage to the shards.
+SAMPLE_KEYS = ("prompt_id", "sample_id", "sample_index", "split", "messages", "reference")
+
+
+def _sample_keys(prompt: Prompt, cfg: GenerationConfig, index: int) -> dict:
+    """``SAMPLE_KEYS`` of sample ``index`` of ``prompt``."""
+    return {
+        "prompt_id": prompt.prompt_id,
+        "sample_id": f"{prompt.prompt_id}/{index}",
+        "sample_index": index,
+        "split": split_of(prompt.prompt_id, cfg.preprocess.val_fraction, cfg.preprocess.split_seed),
+        "messages": json.dumps(prompt.messages, ensure_ascii=False),
+        "reference": prompt.reference,
+    }
+
+
+class SuppliedStage(_InputStage):
+    """Valid input row with its response (``input.response_field``) -> the teacher sample it supplies.
+
+    The sample has the engine's output columns (``compact_engine_output``), so ``StudentStage``
+    treats it as a generated one. Its teacher tokens are the teacher tokenizer's encoding of the
+    response plus the teacher's eos, as a generation that stopped on its own ends: the truncation
+    filter (a budget of our own sampling) then never fires on supplied text. With ``score_supplied``
+    the row is instead a scoring request for the engine (``scoring_params``): prompt + response
+    tokens, the prompt tokenized as vLLM tokenizes a text prompt in generation, so the teacher is
+    conditioned as it would have been had it generated the response; ``compact_scored_output``
+    turns the engine's answer into the sample.
+    """
+
+    def __call__(self, row: dict) -> list[dict]:
+        try:
+            record = parse_json_line(row["raw"])
+            prompt = _prompt(record, self.cfg)
+            if prompt.prompt_id in self.done:
+                return []
+            text = _render(self.tokenizer, prompt.messages)
+            response = to_response(record, self.cfg.input)
+        except (Rejected, TemplateRefused):  # recorded by InputRejects
+            return []
+        tokens = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        tokens = tokens + ([eos] if eos is not None and (not tokens or tokens[-1] != eos) else [])
+        keys = _sample_keys(prompt, self.cfg, 0)
+        if not self.cfg.score_supplied:
+            return [supplied_sample(keys, response, tokens)]
+        prompt_ids = self.tokenizer(text)["input_ids"]
+        return [{**keys, "response": response, "response_tokens": tokens, "response_start": len(prompt_ids),
+                 "tokenized_prompt": prompt_ids + tokens, "sampling_params": scoring_params(self.cfg)}]
+
+
+def supplied_sample(keys: dict, response: str, tokens, topk_ids=(), topk_logprobs=()) -> dict:
+    """A supplied response as the engine stage's compact output row (``compact_engine_output``)."""
+    return {**keys, "prompt": "", "generated_text": response, "generated_tokens": np.asarray(tokens, np.int32),
+            "topk_ids": np.asarray(topk_ids, np.int32), "topk_logprobs": np.asarray(topk_logprobs, np.float16)}
+
+
+def compact_scored_output(row: dict, k: int) -> dict:
+    """Processor postprocess for scoring requests: the response positions' top-k, stored as generation's.
+
+    vLLM's ``prompt_logprobs[i]`` is the teacher's distribution over token ``i`` given the tokens
+    before it, so the response's slice is exactly what generation stores per generated token.
+    """
+    start, tokens = int(row["response_start"]), _seq(row["response_tokens"])
+    ids, lps = compact_topk((row.get("prompt_logprobs") or [])[start:start + len(tokens)], k)
+    return supplied_sample({key: row[key] for key in SAMPLE_KEYS}, row["response"], tokens, ids, lps)
 
 
 def compact_engine_output(row: dict, k: int) -> dict:
@@ -161,7 +222,7 @@ class StudentStage:
         self.checker = CHECKERS[self.cfg.preprocess.checker]
 
     def __call__(self, row: dict) -> dict:
-        out = {k: row[k] for k in ("prompt_id", "sample_id", "sample_index", "split", "messages", "reference")}
+        out = {k: row[k] for k in SAMPLE_KEYS}
         out["prompt"] = ""  # the engine request, filled in for engine errors only (see _engine_error)
         try:
             return self._process(row, out)

@@ -21,7 +21,7 @@ from cluster.config import ClusterConfig, StrictModel
 from cluster.errors import ConfigError
 from cluster.storage import Location, join
 from datasets_pipeline.config import GenerationConfig
-from rayjobs.distillation.config import DistillationConfig
+from rayjobs.distillation.config import SUPPLIED_UNSCORED, DistillationConfig
 from service.config import ServingConfig
 
 
@@ -51,6 +51,10 @@ class PipelineConfig(StrictModel):
             self.distillation.data = self.generation.output
         if self.serving.model is None:
             self.serving.model = join(self.distillation.output, "merged")
+        supplied_unscored = self.generation.samples_source == "supplied" and not self.generation.score_supplied
+        d = self.distillation
+        if supplied_unscored and d.data == self.generation.output and d.loss.kind == "logit" and not d.online_teacher:
+            raise ValueError(SUPPLIED_UNSCORED)
         if self.trust_remote_code:
             self.serving.trust_remote_code = True
         elif self.serving.trust_remote_code:

@@ -80,6 +80,7 @@ def train(cfg: PipelineConfig, log=print) -> dict:
 
     d = cfg.distillation
     data = engine.absolute(resolve_data(d.data))
+    plan.check_teacher_signal(d, ShardStore(data).read_manifest())
     student = engine.absolute(resolve_data(d.student))
     teacher = engine.absolute(resolve_data(d.teacher.model)) if d.online_teacher else None
     ray_init(cfg.cluster)

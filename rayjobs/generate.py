@@ -35,7 +35,7 @@ def run(cfg: PipelineConfig, log=print) -> dict:
     teacher = resolve_model(gen.teacher)
     student = resolve_model(gen.student_tokenizer)
     input_path = resolve_data(gen.input.path)
-    if is_embedded(cfg.cluster):
+    if is_embedded(cfg.cluster) and gen.runs_engine:
         preflight(kv_cache_size(gen, teacher), KV_SETTING, teacher, engines=gen.engine.min_replicas)
     ray_init(cfg.cluster)
     with engine_failures_explained(KV_SETTING):

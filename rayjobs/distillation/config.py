@@ -10,6 +10,15 @@ from cluster.config import StrictModel
 from cluster.storage import Location
 
 
+# Why stored-top-k logit KD cannot train on supplied, unscored samples, and which knobs fix it; said
+# when the config is loaded (rayjobs.config) and again at train start from the shards' manifest (plan).
+SUPPLIED_UNSCORED = (
+    "distillation.loss.kind 'logit' needs the teacher's top-k logprobs, and supplied responses "
+    "(generation.input.response_field) carry none unless the teacher scores them: set "
+    "generation.score_supplied: true (with generation.sampling.logprobs_topk > 0), or use "
+    "distillation.loss.kind 'data', or distillation.teacher.source 'online'")
+
+
 class FeatureConfig(StrictModel):
     """kind 'feature': hidden states and attention maps of the online teacher (rayjobs/distillation/feature_losses.py)."""
 

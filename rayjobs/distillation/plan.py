@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from cluster.errors import ConfigError
 from rayjobs.distillation.collate import BASE_COLUMNS, TEACHER_COLUMNS
-from rayjobs.distillation.config import DistillationConfig, OptimConfig
+from rayjobs.distillation.config import SUPPLIED_UNSCORED, DistillationConfig, OptimConfig
 from rayjobs.distillation.online_teacher import ONLINE_COLUMNS
 
 
@@ -70,6 +70,15 @@ def check_supported(d: DistillationConfig, stats: dict[str, int] | None = None) 
         raise ConfigError("distillation.loss.kind='logit' needs stored teacher top-k at the student's positions, and "
                           "no row has it: generate with generation.sampling.logprobs_topk > 0 and preprocess.reasoning "
                           "'keep' (or set distillation.teacher.source: online)")
+
+
+def check_teacher_signal(d: DistillationConfig, manifest: dict | None) -> None:
+    """Stored-top-k logit KD on shards whose manifest says their samples were supplied and not scored:
+    refused naming the knob, before Ray starts (the shards may come from another config than this one)."""
+    if d.loss.kind != "logit" or d.online_teacher or not manifest:
+        return
+    if manifest.get("samples_source") == "supplied" and not manifest.get("topk_k"):
+        raise ConfigError(f"{SUPPLIED_UNSCORED} (the shards at {d.data} hold supplied samples without them)")
 
 
 def check_models(d: DistillationConfig, student: dict, teacher: dict) -> None:

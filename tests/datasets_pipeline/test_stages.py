@@ -4,26 +4,10 @@ import json
 import math
 
 import numpy as np
-import pytest
 
 from datasets_pipeline.stages import StudentStage, map_ids
 
 COMPLETION = "<think>\n7+5+0=12\n4+8+1=13\n</think>\n132"
-
-
-@pytest.fixture(scope="module")
-def tok_dirs(tmp_path_factory):
-    from rayjobs.demo.tokenizers import END_OF_TEXT, IM_END, IM_START, PAD, save_tokenizer, train_chat_tokenizer
-
-    convs = [[{"role": "user", "content": f"What is {a} + {b}?"},
-              {"role": "assistant", "content": f"<think>\n{a}+{b}\n</think>\n{a + b}"}] for a, b in [(47, 85), (3, 9)]]
-    root = tmp_path_factory.mktemp("toks")
-    teacher = train_chat_tokenizer(convs, vocab_size=120)
-    student = train_chat_tokenizer(convs, vocab_size=100, special_tokens=(END_OF_TEXT, PAD, IM_START, IM_END),
-                                   pad_token=PAD, pre_tokenizer="gpt2")
-    save_tokenizer(teacher, root / "teacher")
-    save_tokenizer(student, root / "student")
-    return str(root / "teacher"), str(root / "student"), teacher, student
 
 
 def test_map_ids_keeps_padding():

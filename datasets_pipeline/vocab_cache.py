@@ -76,3 +76,16 @@ def cached_vocab_map(teacher_tok, student_tok, root: str | None = None) -> np.nd
     np.save(buf, mapping)
     write_bytes(path, buf.getvalue(), atomic=True)
     return mapping
+
+
+def tokenizer_records(teacher: str, student: str) -> dict[str, dict]:
+    """The manifest's ``tokenizers``: per role, the tokenizer's location and content hash.
+
+    Training compares the student's with its own (``rayjobs.distillation.plan.check_student_tokenizer``):
+    the shards' ``input_ids``, ``teacher_align`` and ``topk_student_ids`` hold that tokenizer's ids.
+    Loaded as every stage loads them (``AutoTokenizer``, local directory or hub id).
+    """
+    from transformers import AutoTokenizer
+
+    hashes = {path: tokenizer_hash(AutoTokenizer.from_pretrained(path)) for path in {teacher, student}}
+    return {role: {"path": path, "sha256": hashes[path]} for role, path in (("teacher", teacher), ("student", student))}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from datasets_pipeline.alignment import tokenizer_vocab_map
-from datasets_pipeline.vocab_cache import cached_vocab_map, tokenizer_hash, vocab_map_path
+from datasets_pipeline.vocab_cache import cached_vocab_map, tokenizer_hash, tokenizer_records, vocab_map_path
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,14 @@ def test_default_root_is_the_project_cache(tiny, tmp_path, monkeypatch):
     cached_vocab_map(teacher, student)
     assert os.path.exists(vocab_map_path(tokenizer_hash(teacher), tokenizer_hash(student), str(tmp_path)))
     assert vocab_map_path("a", "b").startswith(str(tmp_path / "vocab_map"))
+
+
+def test_tokenizer_records_name_each_role_by_path_and_hash(tiny, tmp_path):
+    from rayjobs.demo.tokenizers import save_tokenizer
+
+    teacher, student = tiny
+    save_tokenizer(teacher, tmp_path / "t")
+    save_tokenizer(student, tmp_path / "s")
+    records = tokenizer_records(str(tmp_path / "t"), str(tmp_path / "s"))
+    assert records == {"teacher": {"path": str(tmp_path / "t"), "sha256": tokenizer_hash(teacher)},
+                       "student": {"path": str(tmp_path / "s"), "sha256": tokenizer_hash(student)}}

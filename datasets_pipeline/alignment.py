@@ -65,7 +65,7 @@ def decoded_starts(decode: Callable[[Sequence[int]], str], ids: Sequence[int],
     ends with a pending partial character (decoded as U+FFFD) that a later token rewrites.
     """
     starts, length = [], 0
-    ids = [int(i) for i in ids]  # once here, not in each of the ~2 decodes per token
+    ids = [int(i) for i in ids]  # once here, not in each of the 2-3 decodes per token
     for j in range(len(ids)):
         lo = max(0, j - window)
         before = decode(ids[lo:j]) if j > lo else ""

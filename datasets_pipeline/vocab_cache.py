@@ -1,7 +1,7 @@
 """Tokenizer identity (a content hash) and the teacher -> student vocabulary map, cached per pair.
 
 Why a cache: the map of a real pair (DeepSeek-R1's 129,280 ids -> Qwen2.5's 151,665) takes ~4 s
-and ~45 MB of peak memory to build (every id of both vocabularies decoded, ~40k teacher texts
+and +87 MiB of peak RSS to build (every id of both vocabularies decoded, ~40k teacher texts
 tokenized by the student), and every generation actor and every online-teacher worker needs it. It
 is one int32 per teacher id (517 KB for R1), never a dense ``V_t x V_s`` matrix, so it is stored as
 a ``.npy`` under ``<cache dir>/vocab_map/`` (``$RAYSTILL_CACHE``, see ``cluster.storage.cache_dir``)

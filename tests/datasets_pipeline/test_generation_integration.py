@@ -251,3 +251,7 @@ def test_manifest_names_both_tokenizers_by_content(local_run):
     assert recorded["teacher"]["path"] == cfg.generation.teacher
     for role in ("teacher", "student"):
         assert recorded[role]["sha256"] == tokenizer_hash(AutoTokenizer.from_pretrained(recorded[role]["path"]))
+    # Not asserted: teacher hash == student hash. The same-vocabulary student (same tokenizer files, a
+    # Llama directory beside the teacher's Qwen2 one) hashed differently here; the cause is not yet
+    # known (transformers may rebuild a tokenizer from the model type). Training compares the
+    # student with the student's record, loaded the same way, so the check is unaffected.

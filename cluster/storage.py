@@ -67,6 +67,11 @@ def filesystem(location: str):
     return fs.LocalFileSystem(), os.path.abspath(location)
 
 
+def cache_dir() -> str:
+    """This node's cache root: ``$RAYSTILL_CACHE``, else ``~/.cache/raystill`` (models, maps, worlds)."""
+    return os.environ.get("RAYSTILL_CACHE") or os.path.expanduser("~/.cache/raystill")
+
+
 def localize(location: str, cache_root: str | None = None) -> str:
     """A local directory holding ``location``'s files, downloading s3:// once into a cache.
 
@@ -83,7 +88,7 @@ def localize(location: str, cache_root: str | None = None) -> str:
     src_fs, src = filesystem(location)
     listing = sorted((i.path, i.size, i.mtime_ns) for i in src_fs.get_file_info(pafs.FileSelector(src, recursive=True))
                      if i.type == pafs.FileType.File)
-    root = cache_root or os.path.join(os.environ.get("RAYSTILL_CACHE", os.path.expanduser("~/.cache/raystill")), "s3")
+    root = cache_root or os.path.join(cache_dir(), "s3")
     dest = os.path.join(root, hashlib.sha256(repr((location, listing)).encode()).hexdigest()[:16])
     marker = os.path.join(dest, ".complete")
     if not os.path.exists(marker):

@@ -18,16 +18,28 @@ skipped) start where the text ends, so the student's appended eos aligns with th
 Starts come from decoding, never from ``offset_mapping``: offsets differ between tokenizer
 families (whitespace trimming, byte-level vs sentencepiece), while ``decode`` is what both models'
 text means. Decoding is incremental over a small window (vLLM's detokenizer does the same), so a
-sequence costs O(n * window), and a token that completes a multi-byte character gets the length
-of the character it completes.
+sequence costs O(n * window).
+
+Characters split across ids. Byte-level BPEs (DeepSeek-R1's, Qwen's) and byte-fallback
+sentencepieces split a character the vocabulary lacks into byte tokens ("😀" is R1's ``ðŁĺ`` +
+``Ģ``), and a lone piece of a character decodes to U+FFFD. The text before a token that starts
+*inside* a character is no character prefix, so no position of the other model sees the same
+context: such a token gets no start (``NO_START``) and is aligned with nothing on either side (the
+student position predicting it trains on cross-entropy alone, and that teacher row is unused). The
+token that opened the character carries its width, so every later start is exact. (Aligning by
+bytes would also pair two models that split a character at the same byte; on R1 -> Qwen such
+positions are rare, and a byte offset needs each tokenizer's byte alphabet, which ``decode`` hides.)
 
 Vocabulary map. ``vocab_map`` sends every teacher id to a student id: the student token with the
 same decoded text, else the student's *first* token of that text (the teacher's mass on "numbers"
 lands on the student's "num": the student's next token after the shared prefix, which is what
 the student position predicts). An id whose text is not whole characters (a byte-level BPE's lone
-byte) maps to the student id with the same vocabulary string, if any; ids that map nowhere put
-their mass in the rest bin. Several teacher
+byte) maps to the student id with the same vocabulary string, if any. Special tokens are control
+symbols, not text: they map only to a student special token of the same content, and the teacher's
+eos to the student's eos. Ids that map nowhere put their mass in the rest bin (R1 -> Qwen: 1,866 of
+129,280, the 1,229 unused specials and placeholders and 637 byte pieces Qwen lacks). Several teacher
 ids may land on one student id; ``rayjobs.distillation.xtok.merge_topk`` sums their probabilities.
+The map is built once per tokenizer pair and cached (``datasets_pipeline.vocab_cache``).
 """
 
 from __future__ import annotations
@@ -35,7 +47,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 DECODE_WINDOW = 8
+# Tokens a partial character can span: a UTF-8 character has at most 4 bytes, a token at least 1.
+CHAR_LOOKAHEAD = 4
 NO_ALIGN = -1
+NO_START = -1
 _REPLACEMENT = "\ufffd"
 
 
@@ -44,24 +59,32 @@ def decoded_starts(decode: Callable[[Sequence[int]], str], ids: Sequence[int],
     """``(starts, length)``: each token's start in ``decode(ids)`` characters, and the text length.
 
     ``decode`` maps a list of Python ints to text (special tokens skipped). Each token's length is
-    the growth of the decoded text of the ``window`` tokens before it when it is appended.
+    the growth of the decoded text of the ``window`` tokens before it when it is appended; the growth
+    may be negative (a decoder that renders each byte of a pending character as one U+FFFD), so the
+    sum stays exact. A token that starts inside a character gets ``NO_START``: the text before it
+    ends with a pending partial character (decoded as U+FFFD) that a later token rewrites.
     """
     starts, length = [], 0
-    ids = [int(i) for i in ids]  # once here, not in each of the ~2 decodes per token
+    ids = [int(i) for i in ids]  # once here, not in each of the 2-3 decodes per token
     for j in range(len(ids)):
         lo = max(0, j - window)
-        before = len(decode(ids[lo:j])) if j > lo else 0
-        starts.append(length)
-        length += max(len(decode(ids[lo:j + 1])) - before, 0)
+        before = decode(ids[lo:j]) if j > lo else ""
+        mid_char = before.endswith(_REPLACEMENT) and not decode(ids[lo:j + CHAR_LOOKAHEAD]).startswith(before)
+        starts.append(NO_START if mid_char else length)
+        length += len(decode(ids[lo:j + 1])) - len(before)
     return starts, length
 
 
 def align_by_start(student_starts: Sequence[int], teacher_starts: Sequence[int]) -> list[int]:
-    """For each student token, the first teacher token with the same start, else ``-1``."""
+    """For each student token, the first teacher token with the same start, else ``-1``.
+
+    Tokens that start inside a character (``NO_START``) are aligned with nothing on either side.
+    """
     first: dict[int, int] = {}
     for j, s in enumerate(teacher_starts):
-        first.setdefault(s, j)
-    return [first.get(s, NO_ALIGN) for s in student_starts]
+        if s != NO_START:
+            first.setdefault(s, j)
+    return [NO_ALIGN if s == NO_START else first.get(s, NO_ALIGN) for s in student_starts]
 
 
 def align_tokens(decode_student, student_ids: Sequence[int], decode_teacher, teacher_ids: Sequence[int],
@@ -69,23 +92,28 @@ def align_tokens(decode_student, student_ids: Sequence[int], decode_teacher, tea
     """``align_by_start`` of two tokenizations of one text; all ``-1`` when they decode differently.
 
     ``text``, when given, must be what both decode to (the completion the student was built from);
-    a mismatch (a detokenizer that changed whitespace, say) means offsets are not comparable.
+    a mismatch (a detokenizer that changed whitespace, a normalizer such as NFC that rewrote a
+    character) means character offsets are not comparable. The texts themselves are compared, not
+    just their lengths: a same-length rewrite would otherwise shift no offset yet pair unlike text.
     """
-    s_starts, s_len = decoded_starts(decode_student, student_ids)
-    t_starts, t_len = decoded_starts(decode_teacher, teacher_ids)
-    if s_len != t_len or (text is not None and len(text) != s_len):
+    decoded = decode_student([int(i) for i in student_ids])
+    if decoded != decode_teacher([int(i) for i in teacher_ids]) or (text is not None and text != decoded):
         return [NO_ALIGN] * len(student_ids)
+    s_starts, _ = decoded_starts(decode_student, student_ids)
+    t_starts, _ = decoded_starts(decode_teacher, teacher_ids)
     return align_by_start(s_starts, t_starts)
 
 
-def token_keys(decode: Callable[[Sequence[int]], str], pieces: Sequence[str | None]) -> list[object]:
-    """What identifies each id across vocabularies: its decoded text when that is whole characters,
-    else ``("raw", piece)``, its vocabulary string (a byte-level BPE's lone bytes match only the
-    same byte of another byte-level BPE), else None."""
+def token_keys(texts: Sequence[str], pieces: Sequence[str | None], special: Sequence[bool]) -> list[object]:
+    """What identifies each id across vocabularies: its decoded text when that is whole characters;
+    ``("special", text)`` for a special token (a control symbol, never text: it matches only a special
+    token of the same content); else ``("raw", piece)``, its vocabulary string (a byte-level BPE's
+    lone bytes match only the same bytes of another byte-level BPE); else None."""
     out: list[object] = []
-    for i, piece in enumerate(pieces):
-        text = decode([i])
-        if text and _REPLACEMENT not in text:
+    for text, piece, is_special in zip(texts, pieces, special, strict=True):
+        if is_special:
+            out.append(("special", text) if text else None)
+        elif text and _REPLACEMENT not in text:
             out.append(text)
         else:
             out.append(("raw", piece) if piece else None)
@@ -93,26 +121,21 @@ def token_keys(decode: Callable[[Sequence[int]], str], pieces: Sequence[str | No
 
 
 def vocab_map(teacher_keys: Sequence[object], student_keys: Sequence[object],
-              student_first: Callable[[str], int | None]) -> list[int]:
+              student_first: Callable[[list[str]], list[int | None]]) -> list[int]:
     """Teacher id -> student id (see the module docstring); ``-1`` where the id maps nowhere.
 
-    Keys come from ``token_keys``. ``student_first(text)`` is the student's first token id when it
-    tokenizes ``text`` (None if none); only texts fall back to it. Among student ids with the same
-    key the lowest wins.
+    Keys come from ``token_keys``. ``student_first(texts)`` is, per text, the student's first token
+    id when it tokenizes that text (None if none), asked once for all texts without an equal key
+    (one batched call: ~40k texts for R1 -> Qwen). Among student ids with the same key the lowest wins.
     """
     index: dict[object, int] = {}
     for i, key in enumerate(student_keys):
         if key is not None:
             index.setdefault(key, i)
-    out = []
-    for key in teacher_keys:
-        if key in index:
-            out.append(index[key])
-        elif isinstance(key, str):
-            first = student_first(key)
-            out.append(NO_ALIGN if first is None else int(first))
-        else:
-            out.append(NO_ALIGN)
+    out = [index.get(key, NO_ALIGN) for key in teacher_keys]
+    misses = [t for t, key in enumerate(teacher_keys) if key not in index and isinstance(key, str)]
+    for t, first in zip(misses, student_first([teacher_keys[t] for t in misses]), strict=True):
+        out[t] = NO_ALIGN if first is None else int(first)
     return out
 
 
@@ -128,19 +151,43 @@ def tokenizer_decoder(tokenizer) -> Callable[[Sequence[int]], str]:
     return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def _texts_of_ids(tok) -> list[str]:
+    """Every id's text with special tokens kept, in one batched call to a fast tokenizer's backend."""
+    ids = [[i] for i in range(len(tok))]
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode_batch(ids, skip_special_tokens=False)
+    return [tok.decode(i, skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
+
+
+def tokenizer_keys(tok) -> list[object]:
+    """``token_keys`` of every id of an HF tokenizer; added tokens flagged special are special."""
+    special = {i for i, added in tok.added_tokens_decoder.items() if added.special}
+    n = len(tok)
+    return token_keys(_texts_of_ids(tok), tok.convert_ids_to_tokens(list(range(n))), [i in special for i in range(n)])
+
+
+def first_tokens(tok) -> Callable[[list[str]], list[int | None]]:
+    """``vocab_map``'s ``student_first`` for an HF tokenizer (batched through a fast backend)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+
+    def first(texts: list[str]) -> list[int | None]:
+        if backend is not None:
+            return [e.ids[0] if e.ids else None for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return [(tok(t, add_special_tokens=False)["input_ids"] or [None])[0] for t in texts]
+
+    return first
+
+
 def tokenizer_vocab_map(teacher_tok, student_tok) -> list[int]:
     """``vocab_map`` of two HF tokenizers, over every teacher id (``len(teacher_tok)``).
 
-    Texts are decoded with special tokens *kept*, so ``<|im_end|>`` maps to the student's.
+    The teacher's eos maps to the student's eos whatever their texts (R1's ``<｜end▁of▁sentence｜>``
+    -> Qwen's ``<|im_end|>``): both end the completion, and the student's appended eos is aligned
+    with the teacher's (both start where the text ends). Build it through ``vocab_cache`` to pay the
+    ~4 s of a real pair once per tokenizer pair rather than once per actor.
     """
-    def plain(tok):
-        return lambda ids: tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    def first(text: str) -> int | None:
-        ids = student_tok(text, add_special_tokens=False)["input_ids"]
-        return ids[0] if ids else None
-
-    def keys(tok):
-        return token_keys(plain(tok), tok.convert_ids_to_tokens(list(range(len(tok)))))
-
-    return vocab_map(keys(teacher_tok), keys(student_tok), first)
+    out = vocab_map(tokenizer_keys(teacher_tok), tokenizer_keys(student_tok), first_tokens(student_tok))
+    if teacher_tok.eos_token_id is not None and student_tok.eos_token_id is not None:
+        out[teacher_tok.eos_token_id] = student_tok.eos_token_id
+    return out

@@ -24,6 +24,7 @@ from datasets_pipeline.shards import Progress, ShardStore
 from datasets_pipeline.stages import (SAMPLE_KEYS, InputRejects, PromptStage, StudentStage, SuppliedStage,
                                       compact_engine_output, compact_scored_output)
 from datasets_pipeline.stats import SPLITS, total
+from datasets_pipeline.vocab_cache import tokenizer_records
 
 PROGRESS_EVERY_S = 10.0
 
@@ -168,6 +169,7 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
         log(f"generation: resuming, {len(prog.done)} prompts/rows already committed in {prog.next_shard} shards")
     from datasets_pipeline.sources import read_source
 
+    tokenizers = tokenizer_records(teacher, student)
     cfg_json = cfg.model_dump(mode="json")
     writer = ShardWriter(store, prog, cfg.shard_rows)
     source = read_source(cfg.input, input_path)
@@ -200,7 +202,7 @@ def run_generation(cfg: GenerationConfig, *, teacher: str, student: str, input_p
     writer.add(incomplete)
     writer.flush()
     wall = time.perf_counter() - start
-    return _finish_manifest(store, cfg, writer.totals, config_digest, wall, tokens, log)
+    return _finish_manifest(store, cfg, writer.totals, config_digest, wall, tokens, log, tokenizers)
 
 
 def _drain(stream, rerun, writer: ShardWriter, assembler: Assembler, input_rejects: BackgroundRows, log) -> int:
@@ -233,14 +235,15 @@ def _drain(stream, rerun, writer: ShardWriter, assembler: Assembler, input_rejec
 
 
 def _finish_manifest(store: ShardStore, cfg: GenerationConfig, totals: Counter, digest: str,
-                     wall: float, tokens_this_run: int, log) -> dict:
+                     wall: float, tokens_this_run: int, log, tokenizers: dict) -> dict:
     """Write and return the manifest, totalled from the progress files' statistics (not the shards).
 
     ``topk_bytes_per_token`` is ``stats.topk_bytes`` (6 bytes per top-k entry plus 8 bytes of
     offsets per row: the Arrow ``nbytes`` of the two columns as written) over the generated tokens.
     It used to be their ``nbytes`` as read back from Parquet, where the reader adds a validity bitmap
     to the list values (1 bit per entry, k/4 bytes per token for the two columns): the figure is that
-    much lower now for the same data.
+    much lower now for the same data. ``tokenizers`` (``vocab_cache.tokenizer_records``) names the
+    teacher's and student's tokenizers by content hash, so training can refuse another student's.
     """
     stats = store.committed_stats()
     gen_tokens = total(stats, "generated_tokens")
@@ -254,6 +257,7 @@ def _finish_manifest(store: ShardStore, cfg: GenerationConfig, totals: Counter, 
         "generated_tokens": gen_tokens,
         "topk_k": cfg.sampling.logprobs_topk,
         "topk_bytes_per_token": round(total(stats, "topk_bytes") / gen_tokens, 3) if gen_tokens else 0.0,
+        "tokenizers": tokenizers,
         "stats": stats,
         "throughput": {
             "wall_s": round(wall, 2),

@@ -15,7 +15,7 @@ import numpy as np
 from cluster.pii import redact, redact_messages
 
 from datasets_pipeline import records as R
-from datasets_pipeline.alignment import tokenizer_decoder, tokenizer_vocab_map
+from datasets_pipeline.alignment import tokenizer_decoder
 from datasets_pipeline.answers import CHECKERS, split_reasoning
 from datasets_pipeline.config import GenerationConfig
 from datasets_pipeline.engine import sampling_params, scoring_params
@@ -23,6 +23,7 @@ from datasets_pipeline.prompts import (NoResponse, Prompt, Rejected, parse_json_
                                        to_response)
 from datasets_pipeline.targets import TooLong, build_student_example, render_prompt, same_vocabulary
 from datasets_pipeline.topk import compact_topk
+from datasets_pipeline.vocab_cache import cached_vocab_map
 
 
 def _load_tokenizer(path: str):
@@ -216,9 +217,8 @@ class StudentStage:
         self.teacher_tok = _load_tokenizer(teacher_path)
         self.student_tok = _load_tokenizer(student_path)
         self.aligned = same_vocabulary(self.teacher_tok, self.student_tok)
-        # Cross-tokenizer: teacher id -> student id, built once per actor (see alignment.vocab_map).
-        self.vocab_map = None if self.aligned else np.asarray(
-            tokenizer_vocab_map(self.teacher_tok, self.student_tok), np.int32)
+        # Cross-tokenizer: teacher id -> student id, built once per tokenizer pair (vocab_cache).
+        self.vocab_map = None if self.aligned else cached_vocab_map(self.teacher_tok, self.student_tok)
         self.checker = CHECKERS[self.cfg.preprocess.checker]
 
     def __call__(self, row: dict) -> dict:

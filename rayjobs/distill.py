@@ -60,6 +60,24 @@ def data_stats(data: str, context_limit: int) -> dict[str, int]:
     }
 
 
+def check_shards_tokenizer(data: str, student: str) -> None:
+    """``plan.check_student_tokenizer`` against the shards' manifest, before Ray Train starts.
+
+    Loads the student's tokenizer on the driver (local directory, hub id, or s3:// through the
+    node's cache, where the workers will find it) only when the manifest records one.
+    """
+    from transformers import AutoTokenizer
+
+    from cluster.storage import localize
+    from datasets_pipeline.shards import ShardStore
+    from datasets_pipeline.vocab_cache import tokenizer_hash
+
+    recorded = ((ShardStore(data).read_manifest() or {}).get("tokenizers") or {}).get("student")
+    if recorded:
+        student_hash = tokenizer_hash(AutoTokenizer.from_pretrained(localize(student)))
+        plan.check_student_tokenizer(recorded, student, student_hash, data)
+
+
 def _log_plan(log, d, step_plan, stats: dict[str, int], context: dict) -> None:
     log(f"distill: {step_plan.rows} train rows, {stats['val']} val rows; {step_plan.total_steps} optimizer steps "
         f"({step_plan.micro_batches_per_epoch} micro-batches per worker-epoch, {d.scaling.num_workers} workers)")
@@ -88,6 +106,7 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     limit = plan.context_limit(d, student_config)
     stats = data_stats(data, limit)
     plan.check_supported(d, stats)
+    check_shards_tokenizer(data, student)
     if teacher:
         plan.check_models(d, student_config, model_config(teacher))
     context = plan.context_report(d, limit, stats)

@@ -29,7 +29,7 @@ PURE = (
     "rayjobs.distillation.collate", "rayjobs.distillation.schedule", "rayjobs.distillation.plan",
     "datasets_pipeline.alignment", "datasets_pipeline.prompts", "datasets_pipeline.targets",
     "datasets_pipeline.answers", "datasets_pipeline.assemble", "datasets_pipeline.topk", "datasets_pipeline.records",
-    "datasets_pipeline.stats",
+    "datasets_pipeline.stats", "datasets_pipeline.vocab_cache",
     "service.llm_config", "service.guard", "service.errors",
     "cluster.config", "cluster.kv_cache", "datasets_pipeline.config", "service.config",
     "rayjobs.distillation.config", "rayjobs.config",
@@ -37,9 +37,11 @@ PURE = (
 
 
 # What the distillation stage may use of datasets_pipeline: the record schema and the pure token
-# cores both stages apply (rendering a prompt, aligning two tokenizers, parsing answers), never
+# cores both stages apply (rendering a prompt, aligning two tokenizers and caching their vocabulary
+# map, parsing answers), never
 # its Ray plumbing.
-SHARED_CORES = ("datasets_pipeline.records", "datasets_pipeline.alignment", "datasets_pipeline.targets",
+SHARED_CORES = ("datasets_pipeline.records", "datasets_pipeline.alignment", "datasets_pipeline.vocab_cache",
+                "datasets_pipeline.targets",
                 "datasets_pipeline.answers", "datasets_pipeline.prompts")
 
 

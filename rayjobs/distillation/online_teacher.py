@@ -39,8 +39,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from datasets_pipeline.alignment import align_tokens, tokenizer_decoder, tokenizer_vocab_map
+from datasets_pipeline.alignment import align_tokens, tokenizer_decoder
 from datasets_pipeline.targets import render_prompt, same_vocabulary
+from datasets_pipeline.vocab_cache import cached_vocab_map
 from rayjobs.distillation.chunked_head import DenseTeacherHead, chunked_rows, no_logits, output_head
 from rayjobs.distillation.collate import CollateSettings, collate
 from rayjobs.distillation.config import TeacherConfig
@@ -153,7 +154,7 @@ class OnlineTeacher:
         self.with_attention = with_attention
         self.online_topk = online_topk
         self.same_vocab = same_vocabulary(teacher_tok, student_tok)
-        self.vocab_map = None if self.same_vocab else torch.tensor(tokenizer_vocab_map(teacher_tok, student_tok))
+        self.vocab_map = None if self.same_vocab else torch.from_numpy(cached_vocab_map(teacher_tok, student_tok)).long()
 
     @torch.no_grad()
     def run(self, batch: dict, device):

@@ -91,3 +91,21 @@ def check_models(d: DistillationConfig, student: dict, teacher: dict) -> None:
         feature_settings(d, student["num_hidden_layers"], teacher["num_hidden_layers"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_student_tokenizer(recorded: dict | None, student: str, student_hash: str, data: str) -> None:
+    """Refuse shards made for another student tokenizer: their ``input_ids``, ``teacher_align`` and
+    ``topk_student_ids`` are that tokenizer's ids and positions, and would train this student on
+    the wrong tokens without any error. ``recorded`` is the manifest's ``tokenizers.student``
+    (``datasets_pipeline.vocab_cache.tokenizer_records``); shards written before it was recorded
+    (None) are not checked.
+    """
+    if not recorded or recorded.get("sha256") == student_hash:
+        return
+    raise ConfigError(
+        f"the shards at {data} were made for the student tokenizer at {recorded.get('path')} "
+        f"(sha256 {str(recorded.get('sha256'))[:16]}), but distillation.student {student} has another "
+        f"tokenizer (sha256 {student_hash[:16]}): set distillation.student to a model with the shards' "
+        "tokenizer, or regenerate with generation.student_tokenizer set to this student and point "
+        "distillation.data at that output"
+    )

@@ -5,6 +5,7 @@ import pytest
 from datasets_pipeline.alignment import (
     align_by_start,
     align_tokens,
+    NO_START,
     decoded_starts,
     token_keys,
     tokenizer_decoder,
@@ -22,15 +23,43 @@ def test_decoded_starts_are_character_offsets():
     assert decoded_starts(decode, [0, 1, 3, 2]) == ([0, 2, 3, 6], 6)
 
 
-def test_decoded_starts_give_a_partial_character_zero_width():
-    # Two "bytes" that decode to one character only together, like a split UTF-8 sequence.
+def _byte_decoder(pieces: dict[int, bytes], per_byte: bool):
+    """Decodes bytes as UTF-8 with replacement: one U+FFFD per incomplete sequence (a byte-level BPE,
+    Python's and Rust's lossy decoding) or, ``per_byte``, one per byte (a byte-fallback decoder)."""
     def decode(ids):
-        text = "".join({0: "x", 1: "\x00", 2: "\x01"}[i] for i in ids)
-        return text.replace("\x00\x01", "€").replace("\x00", "\ufffd").replace("\x01", "\ufffd")
+        data = b"".join(pieces[i] for i in ids)
+        return _per_byte_replace(data) if per_byte else data.decode("utf-8", "replace")
+    return decode
 
-    starts, length = decoded_starts(decode, [0, 1, 2, 0])
-    assert length == len("x€x")
-    assert starts == [0, 1, 2, 2]
+
+def _per_byte_replace(data: bytes) -> str:
+    out, i = [], 0
+    while i < len(data):
+        for n in (4, 3, 2, 1):
+            try:
+                out.append(data[i:i + n].decode("utf-8"))
+                i += n
+                break
+            except UnicodeDecodeError:
+                continue
+        else:
+            out.append("\ufffd")
+            i += 1
+    return "".join(out)
+
+
+@pytest.mark.parametrize("per_byte", [False, True])
+def test_decoded_starts_give_no_start_inside_a_character(per_byte):
+    # "x€x€x": € (3 bytes) split over two ids, then over three: the ids that start
+    # inside a character get NO_START, the one that opens it carries its width.
+    decode = _byte_decoder({0: b"x", 1: b"\xe2", 2: b"\x82\xac", 3: b"\x82", 4: b"\xac"}, per_byte)
+    starts, length = decoded_starts(decode, [0, 1, 2, 0, 1, 3, 4, 0])
+    assert length == len("x€x€x")
+    assert starts == [0, 1, NO_START, 2, 3, NO_START, NO_START, 4]
+
+
+def test_align_by_start_never_pairs_mid_character_tokens():
+    assert align_by_start([0, NO_START, 2], [0, NO_START, 2]) == [0, -1, 2]
 
 
 def test_align_by_start_takes_the_first_teacher_token_at_each_offset():
@@ -47,16 +76,16 @@ def test_align_tokens_refuses_texts_that_decode_differently():
 
 
 def test_vocab_map_same_key_then_first_student_token():
-    student_keys = ["a", "b", "num", None, "a", ("raw", "Ã")]
+    student_keys = ["a", "b", "num", None, "a", ("raw", "Ã"), ("special", "<|im_end|>")]
     first = {"numbers": 2, "zz": None}
-    mapping = vocab_map(["b", "a", "numbers", None, "zz", ("raw", "Ã"), ("raw", "Â")], student_keys,
-                        lambda text: first.get(text))
-    assert mapping == [1, 0, 2, -1, -1, 5, -1]
+    mapping = vocab_map(["b", "a", "numbers", None, "zz", ("raw", "Ã"), ("raw", "Â"), ("special", "<|im_end|>"),
+                         ("special", "<s>")], student_keys, lambda texts: [first.get(t) for t in texts])
+    assert mapping == [1, 0, 2, -1, -1, 5, -1, 6, -1]
 
 
-def test_token_keys_use_the_piece_for_partial_characters():
-    decode = _decoder({0: "a", 1: "\ufffd", 2: ""})
-    assert token_keys(decode, ["a", "Ã", None]) == ["a", ("raw", "Ã"), None]
+def test_token_keys_use_the_piece_for_partial_characters_and_mark_specials():
+    keys = token_keys(["a", "\ufffd", "", "<|im_end|>"], ["a", "Ã", None, "<|im_end|>"], [False, False, False, True])
+    assert keys == ["a", ("raw", "Ã"), None, ("special", "<|im_end|>")]
 
 
 @pytest.fixture(scope="module")

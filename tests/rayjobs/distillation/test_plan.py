@@ -6,7 +6,9 @@ import pytest
 
 from cluster.errors import ConfigError
 from rayjobs.distillation.curves import render_png, steady_tokens_per_s, write_curves
-from rayjobs.distillation.plan import check_models, check_supported, context_limit, context_report, plan_steps, training_columns
+from rayjobs.distillation.plan import (
+    check_models, check_student_tokenizer, check_supported, context_limit, context_report, plan_steps, training_columns,
+)
 from rayjobs.distillation.config import DistillationConfig, GateConfig
 from rayjobs.distillation.evaluate import answer_metrics, check_gate, token_f1
 
@@ -67,6 +69,17 @@ def test_logit_loss_needs_teacher_topk():
     check_supported(_d(loss={"kind": "data"}), stats)
     with pytest.raises(ConfigError, match="no 'train' rows"):
         check_supported(_d(), {"train": 0, "val": 3, "with_teacher_topk": 3})
+
+
+def test_student_tokenizer_must_be_the_shards_one():
+    recorded = {"path": "/models/qwen", "sha256": "a" * 64}
+    check_student_tokenizer(recorded, "/models/qwen-copy", "a" * 64, "runs/gen")  # same content, other path
+    check_student_tokenizer(None, "/models/llama", "b" * 64, "runs/gen")  # shards from before the record
+    with pytest.raises(ConfigError) as e:
+        check_student_tokenizer(recorded, "/models/llama", "b" * 64, "runs/gen")
+    for part in ("runs/gen", "/models/qwen", "a" * 16, "/models/llama", "b" * 16, "distillation.student",
+                 "generation.student_tokenizer"):
+        assert part in str(e.value)
 
 
 def test_training_columns_skip_teacher_for_data_loss():

@@ -1,14 +1,25 @@
-"""Generation benchmark: our ray.data.llm pipeline vs direct vllm.LLM.generate, same prompts.
+"""Generation benchmark: our generation pipeline vs direct vllm.LLM.generate, same prompts.
+
+Every arm runs in a fresh subprocess (own Ray, own engine); the parent samples the CPU time (user +
+sys) of that process and every descendant (Ray's GCS, raylet, workers, vLLM's engine core) every
+0.1 s and keeps each process's last reading, so processes that exit are counted too. Both arms run
+at N and 4N prompts, with and without top-k logprobs: the slope of CPU seconds over generated
+tokens between the two sizes is the marginal CPU per token, the intercept the fixed (start-up) cost.
+Wall-clock ratios on a shared 2-core machine move with other jobs' load; the CPU-time slopes do not
+(much), so they are the figures to compare across runs.
 
 Prints the side-by-side numbers and ends with one JSON line:
-  pipeline_vs_direct_tokens_per_s  pipeline tokens/s / direct tokens/s (wall, start-up included), top-k k
-  pipeline_vs_direct_tokens_per_s_no_logprobs  the same with logprobs off (k = 0)
-  topk_bytes_per_token             stored top-k bytes per generated token (goal <= 8k+16 at k=20)
-  peak_rss_10x_over_1x             peak RSS of the whole process tree at 10x rows / at 1x rows
+  marginal_overhead_us_per_token_k20  pipeline slope - direct slope, k = --k (goal <= 30)
+  marginal_overhead_us_per_token_k0   the same without logprobs (goal <= 10)
+  fixed_overhead_cpu_s                pipeline intercept - direct intercept at k = --k (Ray, actors)
+  pipeline_vs_direct_tokens_per_s_4n  pipeline tokens/s / direct tokens/s at 4N, k = --k (wall,
+                                      start-up included; goal >= 0.85)
+  pipeline_vs_direct_tokens_per_s_no_logprobs_4n  the same at k = 0
+  topk_bytes_per_token                stored top-k bytes per generated token (goal <= 8k+16)
+  peak_rss_4n_over_n                  peak RSS of the pipeline's process tree at 4N / at N prompts
 
-Each measurement runs in its own subprocess (own Ray, own engine) so peak memory and
-start-up are comparable; both arms' clocks start before they import vLLM / our pipeline and
-read the prompts. Usage: python bench/generation.py [--prompts 2048] [--k 20]
+Both arms' clocks start before they import vLLM / our pipeline and read the prompts.
+Usage: python bench/generation.py [--prompts 2048 (= 4N)] [--k 20] [--max-new-tokens 96] [--tiny]
 """
 
 from __future__ import annotations
@@ -38,32 +49,33 @@ def _prompts_file(src: str, n: int, dest: Path) -> Path:
     return dest
 
 
-def _peak_rss(proc: subprocess.Popen) -> tuple[int, str]:
-    peak = 0
+def _watch(proc: subprocess.Popen) -> tuple[int, float, str]:
+    """Peak RSS and total CPU seconds of ``proc``'s process tree, sampled until it exits."""
+    peak, cpu = 0, {}
     ps = psutil.Process(proc.pid)
     out = []
     reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
     reader.start()
     while proc.poll() is None:
+        rss = 0
         try:
-            total = sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)])
-            peak = max(peak, total)
+            tree = [ps, *ps.children(recursive=True)]
         except psutil.Error:
-            pass
-        time.sleep(0.2)
+            tree = []
+        for p in tree:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    rss += p.memory_info().rss
+                    cpu[(p.pid, p.create_time())] = t.user + t.system
+            except psutil.Error:
+                pass
+        peak = max(peak, rss)
+        time.sleep(0.1)
     reader.join()
     if proc.returncode:
         raise RuntimeError(f"benchmark child failed:\n{out[0][-4000:]}")
-    return peak, out[0]
-
-
-def _child(mode: str, args: list[str]) -> tuple[dict, int]:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RAY_ADDRESS": ""})
-    peak, out = _peak_rss(proc)
-    result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
-    return result, peak
+    return peak, sum(cpu.values()), out[0]
 
 
 def run_direct(teacher: str, prompts: Path, k: int, max_new: int) -> dict:
@@ -118,11 +130,17 @@ def main() -> None:
     ap.add_argument("--child", default=None)
     ap.add_argument("--file", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tiny", action="store_true",
+                    help="the tiny test world (built in seconds; an untrained teacher that rarely stops early)")
     args = ap.parse_args()
 
-    from rayjobs.demo.world import prepare
+    from rayjobs.demo.world import DemoRecipe, prepare
 
-    world = prepare(progress=lambda *a: None)
+    if args.tiny:
+        world = prepare(str(Path(tempfile.gettempdir()) / "raystill-bench-tiny-world"), DemoRecipe.tiny(),
+                        progress=lambda *a: None)
+    else:
+        world = prepare(progress=lambda *a: None)
     if args.child == "direct":
         print(json.dumps(run_direct(str(world.teacher), Path(args.file), args.k, args.max_new_tokens)))
         return
@@ -131,32 +149,43 @@ def main() -> None:
                                       Path(args.out), args.k, args.max_new_tokens)))
         return
 
+    _compare(world, args)
+
+
+def _compare(world, args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="raystill-bench-gen-"))
-    one = _prompts_file(world.train_jsonl, args.prompts // 10, tmp / "1x.jsonl")
-    ten = _prompts_file(world.train_jsonl, args.prompts, tmp / "10x.jsonl")
-    common = ["--k", str(args.k), "--max-new-tokens", str(args.max_new_tokens)]
-    direct, _ = _child("direct", ["--file", str(ten), *common])
-    pipe, peak10 = _child("pipeline", ["--file", str(ten), "--out", str(tmp / "out10"), *common])
-    _, peak1 = _child("pipeline", ["--file", str(one), "--out", str(tmp / "out1"), *common])
-    # The same pair without logprobs isolates what carrying top-k through ray.data.llm costs.
-    plain = ["--k", "0", "--max-new-tokens", str(args.max_new_tokens)]
-    direct0, _ = _child("direct", ["--file", str(ten), *plain])
-    pipe0, _ = _child("pipeline", ["--file", str(ten), "--out", str(tmp / "out10k0"), *plain])
-    ratio = pipe["tokens_per_s"] / direct["tokens_per_s"]
-    ratio0 = pipe0["tokens_per_s"] / direct0["tokens_per_s"]
-    print(f"prompts={args.prompts} max_new_tokens={args.max_new_tokens}")
-    for k, d, p in ((args.k, direct, pipe), (0, direct0, pipe0)):
-        print(f"k={k:<3} direct vllm.LLM : {d['tokens']} tokens in {d['wall_s']:.1f}s = {d['tokens_per_s']:.0f} tokens/s")
-        print(f"k={k:<3} our pipeline    : {p['tokens']} tokens in {p['wall_s']:.1f}s = {p['tokens_per_s']:.0f} tokens/s"
-              f"  (ratio {p['tokens_per_s'] / d['tokens_per_s']:.3f})")
+    sizes = {"n": _prompts_file(world.train_jsonl, args.prompts // 4, tmp / "n.jsonl"),
+             "4n": _prompts_file(world.train_jsonl, args.prompts, tmp / "4n.jsonl")}
+    runs: dict[tuple, dict] = {}
+    for k in (args.k, 0):  # k = 0 isolates what carrying top-k costs
+        common = ["--k", str(k), "--max-new-tokens", str(args.max_new_tokens), *(["--tiny"] if args.tiny else [])]
+        for size, file in sizes.items():
+            runs["direct", k, size] = _child("direct", ["--file", str(file), *common])
+            runs["pipeline", k, size] = _child("pipeline", ["--file", str(file), "--out", str(tmp / f"out-{k}-{size}"),
+                                                            *common])
+    print(f"prompts N={args.prompts // 4}, 4N={args.prompts}, max_new_tokens={args.max_new_tokens}")
+    for (arm, k, size), r in runs.items():
+        print(f"k={k:<3} {size:>2} {arm:<8}: {r['tokens']} tokens in {r['wall_s']:.1f}s = {r['tokens_per_s']:.0f} "
+              f"tokens/s, {r['cpu_s']:.1f} CPU-s, peak RSS {r['peak_rss'] / 2**30:.2f} GiB")
+    lines = {(arm, k): _line([runs[arm, k, "n"], runs[arm, k, "4n"]]) for arm in ("direct", "pipeline") for k in (args.k, 0)}
+    for (arm, k), (slope, fixed) in lines.items():
+        print(f"k={k:<3} {arm:<8}: {slope * 1e6:.1f} us CPU per token, {fixed:.1f} CPU-s fixed")
+
+    def ratio(k):
+        return runs["pipeline", k, "4n"]["tokens_per_s"] / runs["direct", k, "4n"]["tokens_per_s"]
+
+    pipe = runs["pipeline", args.k, "4n"]
     print(f"top-k {pipe['topk_bytes_per_token']} B/token (limit {8 * args.k + 16})")
-    print(f"peak RSS: 1x {peak1 / 2**30:.2f} GiB, 10x {peak10 / 2**30:.2f} GiB")
     print(json.dumps({
-        "pipeline_vs_direct_tokens_per_s": round(ratio, 3),
-        "pipeline_vs_direct_tokens_per_s_no_logprobs": round(ratio0, 3),
+        f"marginal_overhead_us_per_token_k{args.k}": round(1e6 * (lines["pipeline", args.k][0] - lines["direct", args.k][0]), 1),
+        "marginal_overhead_us_per_token_k0": round(1e6 * (lines["pipeline", 0][0] - lines["direct", 0][0]), 1),
+        "fixed_overhead_cpu_s": round(lines["pipeline", args.k][1] - lines["direct", args.k][1], 1),
+        "pipeline_vs_direct_tokens_per_s_4n": round(ratio(args.k), 3),
+        "pipeline_vs_direct_tokens_per_s_no_logprobs_4n": round(ratio(0), 3),
         "topk_bytes_per_token": pipe["topk_bytes_per_token"],
-        "peak_rss_10x_over_1x": round(peak10 / peak1, 3),
+        "peak_rss_4n_over_n": round(pipe["peak_rss"] / runs["pipeline", args.k, "n"]["peak_rss"], 3),
     }))
+
 
 if __name__ == "__main__":
     main()

@@ -78,6 +78,22 @@ def _watch(proc: subprocess.Popen) -> tuple[int, float, str]:
     return peak, sum(cpu.values()), out[0]
 
 
+def _child(mode: str, args: list[str]) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    peak, cpu, out = _watch(proc)
+    result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    return {**result, "peak_rss": peak, "cpu_s": cpu}
+
+
+def _line(runs: list[dict]) -> tuple[float, float]:
+    """(marginal CPU seconds per token, fixed CPU seconds) through the two sizes' points."""
+    (a, b) = runs
+    slope = (b["cpu_s"] - a["cpu_s"]) / (b["tokens"] - a["tokens"])
+    return slope, a["cpu_s"] - slope * a["tokens"]
+
+
 def run_direct(teacher: str, prompts: Path, k: int, max_new: int) -> dict:
     # Both arms are timed from the same point: before importing their engine and reading the
     # prompts (the pipeline arm imports and renders inside its timed run, so direct does too).

@@ -22,7 +22,7 @@ from cluster.errors import ConfigError
 from cluster.storage import Location, join
 from datasets_pipeline.config import GenerationConfig
 from rayjobs.distillation.config import DistillationConfig
-from service.config import ServingConfig
+from service.config import ServingConfig, TeacherServiceConfig
 
 
 class PipelineConfig(StrictModel):
@@ -37,6 +37,9 @@ class PipelineConfig(StrictModel):
     generation: GenerationConfig
     distillation: DistillationConfig
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    teacher_service: TeacherServiceConfig = Field(
+        default_factory=TeacherServiceConfig,
+        description="The teacher scoring service (raystill teacher serve); its model defaults to generation.teacher.")
 
     @model_validator(mode="after")
     def _link_stages(self):
@@ -51,10 +54,14 @@ class PipelineConfig(StrictModel):
             self.distillation.data = self.generation.output
         if self.serving.model is None:
             self.serving.model = join(self.distillation.output, "merged")
-        if self.trust_remote_code:
-            self.serving.trust_remote_code = True
-        elif self.serving.trust_remote_code:
-            raise ValueError("serving.trust_remote_code needs trust_remote_code: true at the top of the config")
+        if self.teacher_service.model is None:
+            self.teacher_service.model = self.generation.teacher
+        for endpoint in (self.serving, self.teacher_service):
+            if self.trust_remote_code:
+                endpoint.trust_remote_code = True
+            elif endpoint.trust_remote_code:
+                raise ValueError(f"{endpoint.section}.trust_remote_code needs trust_remote_code: true at the top of "
+                                 "the config")
         return self
 
     @property
@@ -72,7 +79,7 @@ class PipelineConfig(StrictModel):
 
 
 # What a distillation run's output depends on: everything but serving.
-DISTILL_DIGEST_EXCLUDE = ("serving",)
+DISTILL_DIGEST_EXCLUDE = ("serving", "teacher_service")
 
 
 def _parse_value(raw: str) -> Any:

@@ -26,7 +26,7 @@ from typing import Any
 
 from cluster.errors import UserError
 from cluster.pii import redact, redact_messages
-from service.limits import CHAT_PATH, GENERATE_PATHS, OPEN_PATHS, GuardError, check_body, check_route
+from service.limits import CHAT_PATH, STUDENT_ROUTES, TEACHER_ROUTES, GuardError, Routes, check_route
 from service.limits import text as message_text
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class GuardPolicy:
     max_prompt_chars: int
     max_body_bytes: int
     reject_seed: bool
+    routes: Routes = STUDENT_ROUTES
+    score: Any = None  # the teacher's ScoreLimitsConfig
 
     @classmethod
     def from_config(cls, cfg) -> GuardPolicy:
@@ -73,6 +75,13 @@ class GuardPolicy:
             max_body_bytes=cfg.limits.max_body_bytes,
             reject_seed=cfg.accelerator == "cpu",
         )
+
+    @classmethod
+    def for_teacher(cls, cfg) -> GuardPolicy:
+        """From a ``TeacherServiceConfig``: the same key handling, the scoring route and its limits."""
+        return cls(api_key=load_api_key(cfg.api_key_env, cfg.api_key_file), max_tokens=cfg.limits.max_tokens,
+                   max_prompt_chars=0, max_body_bytes=cfg.limits.max_body_bytes, reject_seed=False,
+                   routes=TEACHER_ROUTES, score=cfg.limits)
 
 
 class ExposedWithoutKey(UserError):
@@ -222,7 +231,14 @@ class RequestLog:
         await asyncio.to_thread(self.flush)
 
 
-async def _send_error(send: Send, err: GuardError) -> None:
+def route_path(scope: Scope) -> str:
+    """The path below the application's route prefix (Serve passes the prefix as ``root_path``)."""
+    root = scope.get("root_path", "")
+    path = scope["path"]
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+async def send_error(send: Send, err: GuardError) -> None:
     payload = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     if err.status == 401:
@@ -251,7 +267,7 @@ def _without_internals(send: Send, path: str) -> Send:
                   b"".join(held["body"]).decode("utf-8", "replace")[:2000])
         err = GuardError(held["status"], f"the server failed to process the request (id {request_id})",
                          code="server_error", type="server_error")
-        await _send_error(send, err)
+        await send_error(send, err)
 
     return wrapped
 
@@ -291,16 +307,17 @@ class GuardMiddleware:
         if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
-        send = _without_internals(send, scope["path"])
+        path = route_path(scope)
+        send = _without_internals(send, path)
         try:
-            check_route(scope["path"])
-            if scope["path"] in OPEN_PATHS:
+            check_route(path, self.policy.routes)
+            if path in self.policy.routes.open:
                 await self.app(scope, receive, send)
                 return
             check_auth(dict(scope["headers"]), self.policy.api_key)
             admitted = await self._admit(scope, receive)
         except GuardError as err:
-            await _send_error(send, err)
+            await send_error(send, err)
             return
         if admitted is None:  # the client went away
             return
@@ -316,7 +333,7 @@ class GuardMiddleware:
 
         receive_body = receive if raw is None else replay
         row = None
-        if self.request_log is not None and scope["path"] == CHAT_PATH and body is not None:
+        if self.request_log is not None and route_path(scope) == CHAT_PATH and body is not None:
             row = log_row(body, f"req-{uuid.uuid4().hex}", self.redact_pii)
         if row is None:
             await self.app(scope, receive_body, send)
@@ -334,13 +351,14 @@ class GuardMiddleware:
         raw = await _read_body(receive, dict(scope["headers"]), self.policy.max_body_bytes)
         if raw is None:
             return None
-        if scope["path"] not in GENERATE_PATHS:
+        check = self.policy.routes.checks.get(route_path(scope))
+        if check is None:
             return scope, raw, None
         try:
             parsed = json.loads(raw)
         except ValueError as e:
             raise GuardError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-        body = check_body(scope["path"], parsed, self.policy)
+        body = check(route_path(scope), parsed, self.policy)
         if body is not parsed:
             raw = json.dumps(body).encode()
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
@@ -350,7 +368,7 @@ class GuardMiddleware:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Websockets get the same route allowlist and key as HTTP; a refusal closes before accepting."""
         try:
-            check_route(scope["path"])
+            check_route(route_path(scope), self.policy.routes)
             check_auth(dict(scope["headers"]), self.policy.api_key)
         except GuardError as err:
             log.info("websocket %s refused: %s", scope["path"], err.message)

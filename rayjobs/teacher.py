@@ -12,9 +12,8 @@ import sys
 
 from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
+from rayjobs.kuberay import TEACHER_APP_NAME  # one name, locally and in the RayService
 from rayjobs.serve import deploy, serve_until_stopped
-
-TEACHER_APP_NAME = "raystill-teacher"
 
 
 def base_url(cfg: PipelineConfig) -> str:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 DECODE_WINDOW = 8
 NO_ALIGN = -1
 _REPLACEMENT = "\ufffd"
@@ -144,3 +146,10 @@ def tokenizer_vocab_map(teacher_tok, student_tok) -> list[int]:
         return token_keys(plain(tok), tok.convert_ids_to_tokens(list(range(len(tok)))))
 
     return vocab_map(keys(teacher_tok), keys(student_tok), first)
+
+
+def map_ids(mapping: np.ndarray, ids) -> np.ndarray:
+    """Teacher ids -> student ids through ``mapping``; ``-1`` (padding) and unknown ids stay ``-1``."""
+    ids = np.asarray(ids, np.int64)
+    known = (ids >= 0) & (ids < len(mapping))
+    return np.where(known, mapping[np.where(known, ids, 0)], -1).astype(np.int32)

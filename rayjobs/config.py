@@ -56,6 +56,11 @@ class PipelineConfig(StrictModel):
             self.serving.model = join(self.distillation.output, "merged")
         if self.teacher_service.model is None:
             self.teacher_service.model = self.generation.teacher
+        ref = self.distillation.teacher.service
+        if self.distillation.service_teacher and ref.url is None:
+            ref.url = self.teacher_service.local_url()
+        if ref.api_key_env is None and ref.api_key_file is None:
+            ref.api_key_env, ref.api_key_file = self.teacher_service.api_key_env, self.teacher_service.api_key_file
         for endpoint in (self.serving, self.teacher_service):
             if self.trust_remote_code:
                 endpoint.trust_remote_code = True

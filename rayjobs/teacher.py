@@ -16,19 +16,12 @@ from rayjobs.kuberay import TEACHER_APP_NAME  # one name, locally and in the Ray
 from rayjobs.serve import deploy, serve_until_stopped
 
 
-def base_url(cfg: PipelineConfig) -> str:
-    """The service's base URL; clients post to ``<base>/v1/token_scores``."""
-    t = cfg.teacher_service
-    host = "127.0.0.1" if t.host in ("0.0.0.0", "::") else t.host
-    return f"http://{host}:{t.port}{t.route_prefix.rstrip('/')}"
-
-
 def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
     from service.teacher import build_app
 
     t = cfg.teacher_service
     deploy(cfg, t, build_app, TEACHER_APP_NAME, t.route_prefix, log)
-    url = base_url(cfg)
+    url = t.local_url()
     log(f"teacher {t.model_id} scoring at {url}/v1/token_scores (top_k <= {t.limits.max_top_k})")
     if not block:
         return url

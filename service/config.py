@@ -147,6 +147,11 @@ class TeacherServiceConfig(EngineServiceConfig):
         "(which serves at '/'): score at http://HOST:PORT<route_prefix>/v1/score.")
     limits: ScoreLimitsConfig = Field(default_factory=ScoreLimitsConfig)
 
+    def local_url(self) -> str:
+        """The base URL on this machine (clients post to ``<base>/v1/token_scores``)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}{self.route_prefix.rstrip('/')}"
+
     def engine_defaults(self) -> dict[str, Any]:
         # Prefix caching skips the prefill of cached blocks, and with it their prompt log-probs.
         return {"enable_prefix_caching": False, "max_logprobs": self.limits.max_top_k}

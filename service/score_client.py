@@ -2,8 +2,8 @@
 
 Retries with exponential backoff on what a replica going away looks like from outside: refused
 or dropped connections, timeouts, 502/503/504 (Serve's full queue or a restarting replica).
-A 4xx is the request's own fault and raises at once with the server's message. Pure: httpx and
-the codec, no Ray, so training workers can use it without the teacher entering their memory.
+A 4xx is the request's own fault and raises at once with the server's message. Pure: httpx, the
+codec and the guard's key loading, no Ray, so training workers can use it without the teacher entering their memory.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import httpx
 
+from service.guard import load_api_key
 from service.score_codec import SCORE_PATH, SequenceScores, decode_scores
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,11 @@ class TeacherClient:
         self._http = httpx.Client(headers=headers, timeout=timeout_s)
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.retried = 0  # requests sent again after a transient failure, over the client's life
+
+    @classmethod
+    def with_key_from(cls, base_url: str, api_key_env: str | None, api_key_file: str | None, **kwargs) -> TeacherClient:
+        """A client whose key is read here, from the file or env var (as the service reads its own)."""
+        return cls(base_url, load_api_key(api_key_env, api_key_file), **kwargs)
 
     def score(self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], top_k: int,
               dtype: str = "float16") -> list[SequenceScores]:

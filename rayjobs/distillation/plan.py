@@ -14,6 +14,7 @@ from cluster.errors import ConfigError
 from rayjobs.distillation.collate import BASE_COLUMNS, TEACHER_COLUMNS
 from rayjobs.distillation.config import DistillationConfig, OptimConfig
 from rayjobs.distillation.online_teacher import ONLINE_COLUMNS
+from rayjobs.distillation.service_teacher import SERVICE_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ def context_report(d: DistillationConfig, limit: int, stats: dict[str, int]) -> 
 def training_columns(d: DistillationConfig) -> list[str]:
     if d.online_teacher:
         return list(BASE_COLUMNS + ONLINE_COLUMNS)
+    if d.service_teacher:
+        return list(BASE_COLUMNS + SERVICE_COLUMNS)
     return list(BASE_COLUMNS + (TEACHER_COLUMNS if d.loss.kind == "logit" else ()))
 
 
@@ -66,10 +69,10 @@ def check_supported(d: DistillationConfig, stats: dict[str, int] | None = None) 
         return
     if not stats["train"]:
         raise ConfigError(f"no 'train' rows in the committed shards at {d.data}")
-    if d.loss.kind == "logit" and not d.online_teacher and not stats["with_teacher_topk"]:
+    if d.loss.kind == "logit" and d.teacher.source == "stored" and not stats["with_teacher_topk"]:
         raise ConfigError("distillation.loss.kind='logit' needs stored teacher top-k at the student's positions, and "
                           "no row has it: generate with generation.sampling.logprobs_topk > 0 and preprocess.reasoning "
-                          "'keep' (or set distillation.teacher.source: online)")
+                          "'keep' (or set distillation.teacher.source: online or service)")
 
 
 def check_models(d: DistillationConfig, student: dict, teacher: dict) -> None:

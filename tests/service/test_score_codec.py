@@ -107,3 +107,19 @@ def test_teacher_routes_and_engine():
         TeacherServiceConfig(engine_kwargs={"enable_prefix_caching": True})
     with pytest.raises(ValueError, match="teacher_service.engine_kwargs must not set"):
         engine_kwargs(TeacherServiceConfig(engine_kwargs={"model": "x"}))
+
+
+def test_distillation_finds_the_teacher_service_of_its_own_config():
+    from rayjobs.config import PipelineConfig
+
+    base = {"name": "t", "generation": {"teacher": "/t", "input": {"path": "x.jsonl"}, "output": "g"},
+            "teacher_service": {"port": 8123, "host": "0.0.0.0", "api_key_file": "/run/key"}}
+    cfg = PipelineConfig.model_validate({**base, "distillation": {
+        "student": "/s", "output": "o", "loss": {"kind": "logit"}, "teacher": {"source": "service"}}})
+    ref = cfg.distillation.teacher.service
+    assert ref.url == "http://127.0.0.1:8123/teacher" and ref.api_key_file == "/run/key"
+    assert cfg.teacher_service.model == "/t" and cfg.distillation.service_teacher
+    cfg = PipelineConfig.model_validate({**base, "distillation": {
+        "student": "/s", "output": "o", "loss": {"kind": "logit"},
+        "teacher": {"source": "service", "service": {"url": "https://teacher.example:443/t"}}}})
+    assert cfg.distillation.teacher.service.url == "https://teacher.example:443/t"

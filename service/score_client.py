@@ -1,7 +1,8 @@
 """Client of the teacher scoring service (``service.teacher``): token ids in, ``SequenceScores`` out.
 
 Retries with exponential backoff on what a replica going away looks like from outside: refused
-or dropped connections, timeouts, 502/503/504 (Serve's full queue or a restarting replica).
+or dropped connections, timeouts, 500 (the guard's answer when the engine died under a request),
+502/503/504 (Serve's full queue or a restarting replica).
 A 4xx is the request's own fault and raises at once with the server's message. Pure: httpx, the
 codec and the guard's key loading, no Ray, so training workers can use it without the teacher entering their memory.
 """
@@ -20,7 +21,7 @@ from service.score_codec import SCORE_PATH, SequenceScores, decode_scores
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = (502, 503, 504)
+RETRY_STATUSES = (500, 502, 503, 504)
 
 
 class TeacherServiceError(RuntimeError):

@@ -88,7 +88,7 @@ class TeacherServiceRef(StrictModel):
         "teacher_service section of the same config (the app `raystill teacher serve` deploys).")
     top_k: int = Field(20, ge=1, description="Teacher top-k per position asked of the service.")
     timeout_s: float = Field(120.0, gt=0, description="Per request.")
-    retries: int = Field(8, ge=0, description="Retries of a request on connection errors and 502/503/504, with "
+    retries: int = Field(8, ge=0, description="Retries of a request on connection errors and 500/502/503/504, with "
                          "exponential backoff from 0.5 s (a replica restarting costs retries, not the run).")
     api_key_env: str | None = Field(None, description="Env var with the service's API key, read in the workers; "
                                     "default: teacher_service.api_key_env.")

@@ -46,6 +46,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 DECODE_WINDOW = 8
 # Tokens a partial character can span: a UTF-8 character has at most 4 bytes, a token at least 1.
 CHAR_LOOKAHEAD = 4
@@ -191,3 +193,10 @@ def tokenizer_vocab_map(teacher_tok, student_tok) -> list[int]:
     if teacher_tok.eos_token_id is not None and student_tok.eos_token_id is not None:
         out[teacher_tok.eos_token_id] = student_tok.eos_token_id
     return out
+
+
+def map_ids(mapping: np.ndarray, ids) -> np.ndarray:
+    """Teacher ids -> student ids through ``mapping``; ``-1`` (padding) and unknown ids stay ``-1``."""
+    ids = np.asarray(ids, np.int64)
+    known = (ids >= 0) & (ids < len(mapping))
+    return np.where(known, mapping[np.where(known, ids, 0)], -1).astype(np.int32)

@@ -15,7 +15,7 @@ import numpy as np
 from cluster.pii import redact, redact_messages
 
 from datasets_pipeline import records as R
-from datasets_pipeline.alignment import tokenizer_decoder
+from datasets_pipeline.alignment import map_ids, tokenizer_decoder
 from datasets_pipeline.answers import CHECKERS, split_reasoning
 from datasets_pipeline.config import GenerationConfig
 from datasets_pipeline.engine import sampling_params, scoring_params
@@ -289,10 +289,3 @@ class StudentStage:
         """
         prompt = render_prompt(self.teacher_tok, json.loads(row["messages"]))
         return {**out, "prompt": prompt, "status": R.ENGINE_ERROR, "stage": "engine", "detail": str(error)[:500]}
-
-
-def map_ids(mapping: np.ndarray, ids) -> np.ndarray:
-    """Teacher ids -> student ids through ``mapping``; ``-1`` (padding) and unknown ids stay ``-1``."""
-    ids = np.asarray(ids, np.int64)
-    known = (ids >= 0) & (ids < len(mapping))
-    return np.where(known, mapping[np.where(known, ids, 0)], -1).astype(np.int32)

@@ -99,6 +99,13 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_teacher_serve(args) -> int:
+    from rayjobs.teacher import run
+
+    run(_checked(args, "teacher"))
+    return 0
+
+
 def _cmd_run(args) -> int:
     import os
 
@@ -168,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also check every model, input and output it names (the preflight), start nothing")
     _config_command(sub, "generate", "teacher generation + preprocessing into Parquet shards", _cmd_generate)
     _config_command(sub, "serve", "serve the student behind an OpenAI-compatible endpoint (Ctrl-C stops)", _cmd_serve)
+    teacher = sub.add_parser("teacher", help="the teacher scoring service").add_subparsers(dest="action", required=True)
+    _config_command(teacher, "serve", "serve the teacher's per-token log-probs and top-k of given token ids "
+                    "(Ctrl-C stops)", _cmd_teacher_serve)
     _config_command(sub, "distill", "train the student on the generated shards (Ray Train + DeepSpeed), merge, evaluate",
                     _cmd_distill)
     run = _config_command(sub, "run", "the whole loop: generate, distill, merge, evaluate, serve, query", _cmd_run)

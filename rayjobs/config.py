@@ -22,7 +22,7 @@ from cluster.errors import ConfigError
 from cluster.storage import Location, join
 from datasets_pipeline.config import GenerationConfig
 from rayjobs.distillation.config import SUPPLIED_UNSCORED, DistillationConfig
-from service.config import ServingConfig
+from service.config import ServingConfig, TeacherServiceConfig
 
 
 class PipelineConfig(StrictModel):
@@ -37,6 +37,9 @@ class PipelineConfig(StrictModel):
     generation: GenerationConfig
     distillation: DistillationConfig
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    teacher_service: TeacherServiceConfig = Field(
+        default_factory=TeacherServiceConfig,
+        description="The teacher scoring service (raystill teacher serve); its model defaults to generation.teacher.")
 
     @model_validator(mode="after")
     def _link_stages(self):
@@ -53,12 +56,21 @@ class PipelineConfig(StrictModel):
             self.serving.model = join(self.distillation.output, "merged")
         supplied_unscored = self.generation.samples_source == "supplied" and not self.generation.score_supplied
         d = self.distillation
-        if supplied_unscored and d.data == self.generation.output and d.loss.kind == "logit" and not d.online_teacher:
+        if supplied_unscored and d.data == self.generation.output and d.loss.kind == "logit" and not (d.online_teacher or d.service_teacher):
             raise ValueError(SUPPLIED_UNSCORED)
-        if self.trust_remote_code:
-            self.serving.trust_remote_code = True
-        elif self.serving.trust_remote_code:
-            raise ValueError("serving.trust_remote_code needs trust_remote_code: true at the top of the config")
+        if self.teacher_service.model is None:
+            self.teacher_service.model = self.generation.teacher
+        ref = self.distillation.teacher.service
+        if self.distillation.service_teacher and ref.url is None:
+            ref.url = self.teacher_service.local_url()
+        if ref.api_key_env is None and ref.api_key_file is None:
+            ref.api_key_env, ref.api_key_file = self.teacher_service.api_key_env, self.teacher_service.api_key_file
+        for endpoint in (self.serving, self.teacher_service):
+            if self.trust_remote_code:
+                endpoint.trust_remote_code = True
+            elif endpoint.trust_remote_code:
+                raise ValueError(f"{endpoint.section}.trust_remote_code needs trust_remote_code: true at the top of "
+                                 "the config")
         return self
 
     @property
@@ -76,7 +88,7 @@ class PipelineConfig(StrictModel):
 
 
 # What a distillation run's output depends on: everything but serving.
-DISTILL_DIGEST_EXCLUDE = ("serving",)
+DISTILL_DIGEST_EXCLUDE = ("serving", "teacher_service")
 
 
 def _parse_value(raw: str) -> Any:

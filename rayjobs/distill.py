@@ -84,7 +84,7 @@ def _log_plan(log, d, step_plan, stats: dict[str, int], context: dict) -> None:
     if context["over_limit"]:
         log(f"distill: {context['over_limit']} rows are longer than the student's {context['limit']} positions: "
             f"{'dropped' if d.context_policy == 'drop' else 'truncated'} (distillation.context_policy)")
-    if d.loss.kind == "logit" and not d.online_teacher and stats["with_teacher_topk"] < stats["train"] + stats["val"]:
+    if d.loss.kind == "logit" and d.teacher.source == "stored" and stats["with_teacher_topk"] < stats["train"] + stats["val"]:
         log(f"distill: warning: only {stats['with_teacher_topk']} of {stats['train'] + stats['val']} rows carry "
             "aligned teacher top-k; the others train on cross-entropy alone")
 
@@ -100,14 +100,14 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     data = engine.absolute(resolve_data(d.data))
     plan.check_teacher_signal(d, ShardStore(data).read_manifest())
     student = engine.absolute(resolve_data(d.student))
-    teacher = engine.absolute(resolve_data(d.teacher.model)) if d.online_teacher else None
+    teacher = engine.absolute(resolve_data(d.teacher.model)) if d.online_teacher or d.service_teacher else None
     ray_init(cfg.cluster)
     student_config = model_config(student)
     limit = plan.context_limit(d, student_config)
     stats = data_stats(data, limit)
     plan.check_supported(d, stats)
     check_shards_tokenizer(data, student)
-    if teacher:
+    if d.online_teacher:
         plan.check_models(d, student_config, model_config(teacher))
     context = plan.context_report(d, limit, stats)
     dropped = stats["over_context_train"] if d.context_policy == "drop" else 0

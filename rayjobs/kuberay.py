@@ -32,41 +32,59 @@ DEFAULT_CONFIG = "examples/configs/k8s.yaml"
 DEFAULT_MANIFEST = "k8s/base/rayservice.student.yaml"
 APP_NAME = "raystill"
 APP_IMPORT_PATH = "service.app:build_app"
+TEACHER_APP_NAME = "raystill-teacher"
+TEACHER_IMPORT_PATH = "service.teacher:build_app"
 SOURCE_ANNOTATION = "raystill.io/serve-config"
 OVERRIDES_ANNOTATION = "raystill.io/serve-config-overrides"
+# Which application a manifest serves: the student endpoint (default) or the teacher scoring service.
+APP_ANNOTATION = "raystill.io/serve-app"
+APPS = ("student", "teacher")
 
 _BLOCK = re.compile(r"^(?P<indent>[ \t]*)serveConfigV2:[ \t]*\|[-+]?[ \t]*\n", re.MULTILINE)
 
 
-def serve_config(cfg: PipelineConfig) -> dict:
-    """The Serve deploy config (what ``serve deploy`` takes) for the pipeline's serving stage."""
-    serving = cfg.serving
+def serve_config(cfg: PipelineConfig, app: str = "student") -> dict:
+    """The Serve deploy config (what ``serve deploy`` takes) for the student endpoint (``serving``)
+    or the teacher scoring service (``teacher_service``)."""
+    if app == "teacher":
+        endpoint, name, prefix, import_path = (cfg.teacher_service, TEACHER_APP_NAME, cfg.teacher_service.route_prefix,
+                                               TEACHER_IMPORT_PATH)
+    else:
+        endpoint, name, prefix, import_path = cfg.serving, APP_NAME, "/", APP_IMPORT_PATH
     return {
         # The head has num-cpus 0; a proxy on every node lets the serve Service reach workers.
         "proxy_location": "EveryNode",
-        # In a pod the proxy must listen on all interfaces; serving.host is for local runs.
-        "http_options": {"host": "0.0.0.0", "port": serving.port},
+        # In a pod the proxy must listen on all interfaces; the config's host is for local runs.
+        "http_options": {"host": "0.0.0.0", "port": endpoint.port},
         "applications": [
             {
-                "name": APP_NAME,
-                "route_prefix": "/",
-                "import_path": APP_IMPORT_PATH,
-                "args": serving.model_dump(mode="json"),
+                "name": name,
+                "route_prefix": prefix,
+                "import_path": import_path,
+                "args": endpoint.model_dump(mode="json"),
                 "runtime_env": {"env_vars": dict(sorted(cfg.cluster.env_vars.items()))},
             }
         ],
     }
 
 
-def render_serve_config_v2(cfg: PipelineConfig) -> str:
+def render_serve_config_v2(cfg: PipelineConfig, app: str = "student") -> str:
     """``spec.serveConfigV2`` as KubeRay wants it: a YAML document in a string."""
-    return yaml.safe_dump(serve_config(cfg), sort_keys=False, default_flow_style=False, width=4096)
+    return yaml.safe_dump(serve_config(cfg, app), sort_keys=False, default_flow_style=False, width=4096)
 
 
-def render_for(config: str | Path, overrides: list[str] | None = None) -> str:
+def render_for(config: str | Path, overrides: list[str] | None = None, app: str = "student") -> str:
     from rayjobs.config import load_config
 
-    return render_serve_config_v2(load_config(config, overrides or []))
+    return render_serve_config_v2(load_config(config, overrides or []), app)
+
+
+def manifest_app(doc: dict) -> str:
+    """The application a generated manifest serves (its ``raystill.io/serve-app`` annotation, else the student)."""
+    app = ((doc.get("metadata") or {}).get("annotations") or {}).get(APP_ANNOTATION, "student")
+    if app not in APPS:
+        raise ValueError(f"{APP_ANNOTATION} must be one of {APPS}, got {app!r}")
+    return app
 
 
 def manifest_source(doc: dict) -> tuple[str, list[str]]:
@@ -126,7 +144,8 @@ def write_rayservice(
     overrides = list(overrides or [])
     path = root / manifest
     text = path.read_text()
-    new = update_manifest_text(text, render_for(root / config, overrides), config, overrides)
+    app = manifest_app(next(d for d in yaml.safe_load_all(text) if d))
+    new = update_manifest_text(text, render_for(root / config, overrides, app), config, overrides)
     if new != text and not check:
         path.write_text(new)
     return new != text

@@ -14,7 +14,7 @@ from cluster.storage import follow_release, join
 from rayjobs.config import PipelineConfig
 from rayjobs.refs import resolve_data
 
-COMMANDS = ("generate", "distill", "serve", "run")
+COMMANDS = ("generate", "distill", "serve", "teacher", "run")
 
 
 class PreflightFailed(UserError):
@@ -34,6 +34,8 @@ def _models(cfg: PipelineConfig, command: str) -> dict[str, str]:
             models["distillation.teacher.model"] = d.teacher.model
     if command == "serve" or (command == "run" and cfg.serving.model != join(d.output, "merged")):
         models["serving.model"] = cfg.serving.model
+    if command == "teacher":
+        models["teacher_service.model"] = cfg.teacher_service.model
     return models
 
 

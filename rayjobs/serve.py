@@ -31,10 +31,10 @@ from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
 from rayjobs.refs import resolve_model
 from service.guard import check_exposure, load_api_key
+from service.config import EngineServiceConfig
 from service.llm_config import kv_cache_size
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
-KV_SETTING = "serving.kv_cache_gib"
 
 
 def haproxy_available() -> bool:
@@ -92,30 +92,43 @@ def base_url(cfg: PipelineConfig) -> str:
     return f"http://{host}:{cfg.serving.port}/v1"
 
 
-def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
-    serving = cfg.serving
-    check_exposure(serving.host, load_api_key(serving.api_key_env, serving.api_key_file), serving.allow_unauthenticated)
-    if serving.model and not is_s3(serving.model):
+def deploy(cfg: PipelineConfig, endpoint: EngineServiceConfig, build_app, app_name: str, route_prefix: str,
+           log=print) -> None:
+    """Check exposure and KV memory, start (or join) Ray and Serve, and deploy one engine application.
+
+    Shared by the student endpoint and the teacher scoring service (``rayjobs.teacher``).
+    """
+    check_exposure(endpoint.host, load_api_key(endpoint.api_key_env, endpoint.api_key_file),
+                   endpoint.allow_unauthenticated)
+    kv_setting = f"{endpoint.section}.kv_cache_gib"
+    if endpoint.model and not is_s3(endpoint.model):
         # The app gets a path: it never resolves named references (demo:) itself.
-        serving = serving.model_copy(update={"model": follow_release(resolve_model(serving.model))})
+        endpoint = endpoint.model_copy(update={"model": follow_release(resolve_model(endpoint.model))})
         if is_embedded(cfg.cluster):
-            preflight(kv_cache_size(serving, serving.model), KV_SETTING, serving.model,
-                      engines=max(1, serving.autoscaling.min_replicas))
+            preflight(kv_cache_size(endpoint, endpoint.model), kv_setting, endpoint.model,
+                      engines=max(1, endpoint.autoscaling.min_replicas))
     prepare_local_ray(cfg)
     ray_init(cfg.cluster)
 
     from ray import serve
 
+    serve.start(http_options={"host": endpoint.host, "port": endpoint.port})
+    proxy = " behind HAProxy" if os.environ.get(HAPROXY_FLAG) == "1" else ""
+    log(f"deploying {endpoint.model_id} from {endpoint.model}{proxy} (about a minute on CPU)")
+    started = time.monotonic()
+    with engine_failures_explained(kv_setting):
+        serve.run(build_app(endpoint.model_dump(mode="json")), name=app_name, route_prefix=route_prefix,
+                  blocking=False)
+    log(f"{endpoint.model_id} ready after {time.monotonic() - started:.0f} s")
+
+
+def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
     from service.app import build_app
 
-    serve.start(http_options={"host": serving.host, "port": serving.port})
-    proxy = " behind HAProxy" if os.environ.get(HAPROXY_FLAG) == "1" else ""
-    log(f"deploying {serving.model_id} from {serving.model}{proxy} (about a minute on CPU)")
-    started = time.monotonic()
-    with engine_failures_explained(KV_SETTING):
-        serve.run(build_app(serving.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
+    serving = cfg.serving
+    deploy(cfg, serving, build_app, APP_NAME, "/", log)
     url = base_url(cfg)
-    log(f"serving {serving.model_id} at {url} (ready after {time.monotonic() - started:.0f} s)")
+    log(f"serving {serving.model_id} at {url}")
     key = serving.api_key_file or (f"${serving.api_key_env}" if serving.api_key_env else None)
     log(f"  try: curl {url}/models" + (f" -H \"Authorization: Bearer <key from {key}>\"" if key else ""))
     if not block:
@@ -127,7 +140,7 @@ class _Stop(Exception):
     """Raised by the signal handler so the wait loop ends on SIGTERM as on Ctrl-C."""
 
 
-def serve_until_stopped(cfg: PipelineConfig, log=print) -> int:
+def serve_until_stopped(cfg: PipelineConfig, log=print, app_name: str = APP_NAME) -> int:
     """Block until SIGINT or SIGTERM, then stop serving; returns the shell's code (130 / 143).
 
     A local Ray (started by this process) is shut down whole, which ends the replicas and their
@@ -152,19 +165,19 @@ def serve_until_stopped(cfg: PipelineConfig, log=print) -> int:
             signal.signal(s, h)
     signum = received[0] if received else signal.SIGINT
     log(f"{signal.Signals(signum).name}: stopping the endpoint")
-    _teardown(cfg)
+    _teardown(cfg, app_name)
     log("stopped: endpoint, engines" + (" and the local Ray" if is_embedded(cfg.cluster) else ""))
     return 128 + signum
 
 
-def _teardown(cfg: PipelineConfig) -> None:
+def _teardown(cfg: PipelineConfig, app_name: str) -> None:
     import ray
     from ray import serve
 
     if is_embedded(cfg.cluster):
         ray.shutdown()  # the raylet takes the replicas and their engine processes with it
     else:
-        serve.delete(APP_NAME)
+        serve.delete(app_name)
 
 
 def main(argv: list[str] | None = None) -> int:

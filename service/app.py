@@ -25,7 +25,7 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.deployment import LLMServer
 
 from cluster.storage import follow_release, is_s3, localize
-from service.config import ServingConfig
+from service.config import EngineServiceConfig, ServingConfig
 from service.guard import GuardMiddleware, GuardPolicy, RequestLog, check_exposure
 from service.llm_config import adapter_model_id, kv_cache_size, llm_config_kwargs
 
@@ -39,6 +39,22 @@ def deployment_name(cfg: ServingConfig) -> str:
     return DEPLOYMENT_PREFIX + cfg.model_id.replace("/", "--").replace(".", "_")
 
 
+def checked_policy(policy: GuardPolicy, cfg: EngineServiceConfig) -> GuardPolicy:
+    """The replica's policy after the exposure check: fail before the engine starts, not after."""
+    check_exposure(cfg.host, policy.api_key, cfg.allow_unauthenticated)
+    if policy.api_key is None:
+        log.warning("%s without an API key: set %s or api_key_file", cfg.section, cfg.api_key_env)
+    return policy
+
+
+def add_guard(app, **guard_kwargs):
+    """Put ``GuardMiddleware`` outermost on vLLM's app: auth and limits run before anything else."""
+    # vLLM builds its middleware stack eagerly; drop it so Starlette rebuilds it with ours.
+    app.middleware_stack = None
+    app.add_middleware(GuardMiddleware, **guard_kwargs)
+    return app
+
+
 class GuardedLLMServer(LLMServer):
     """``LLMServer`` plus the guard, the request log and start-up LoRA loading."""
 
@@ -46,10 +62,7 @@ class GuardedLLMServer(LLMServer):
         self._serving = ServingConfig.model_validate(serving)
         # Read the key here, in the replica, where the Secret or env var lives; fail before the
         # engine starts if a configured key file is missing.
-        self._policy = GuardPolicy.from_config(self._serving)
-        check_exposure(self._serving.host, self._policy.api_key, self._serving.allow_unauthenticated)
-        if self._policy.api_key is None:
-            log.warning("serving without an API key: set %s or api_key_file", self._serving.api_key_env)
+        self._policy = checked_policy(GuardPolicy.from_config(self._serving), self._serving)
         rl = self._serving.request_log
         self._request_log = RequestLog(rl.path, rl.batch_rows, rl.flush_interval_s) if rl.enabled else None
         await super().__init__(llm_config)
@@ -69,17 +82,13 @@ class GuardedLLMServer(LLMServer):
 
     async def __serve_build_asgi_app__(self):
         app = await super().__serve_build_asgi_app__()
-        # vLLM builds its middleware stack eagerly; drop it so Starlette rebuilds it with ours
-        # outermost (auth and limits run before anything else).
-        app.middleware_stack = None
-        app.add_middleware(
-            GuardMiddleware,
+        return add_guard(
+            app,
             policy=self._policy,
             request_log=self._request_log,
             include_completions=self._serving.request_log.include_completions,
             redact_pii=self._serving.request_log.redact_pii,
         )
-        return app
 
     async def __del__(self):
         if getattr(self, "_request_log", None) is not None:
@@ -87,9 +96,10 @@ class GuardedLLMServer(LLMServer):
         await super().__del__()
 
 
-def build_llm_config(cfg: ServingConfig) -> LLMConfig:
+def build_llm_config(cfg: EngineServiceConfig) -> LLMConfig:
+    """The ``LLMConfig`` of either endpoint (student or teacher): one engine configuration path."""
     if not cfg.model:
-        raise ValueError("serving.model is not set (the pipeline config fills it with the merged student)")
+        raise ValueError(f"{cfg.section}.model is not set (the pipeline config fills it in)")
     # s3://: ray.serve.llm downloads it on each replica's node. Named references (demo:) were
     # resolved to a path by the job before it built this app.
     version = follow_release(cfg.model)
@@ -100,12 +110,17 @@ def build_llm_config(cfg: ServingConfig) -> LLMConfig:
     return LLMConfig(**llm_config_kwargs(cfg, resolved, kv.bytes if kv else None))
 
 
-def build_app(args: dict):
-    """``args`` is ``ServingConfig.model_dump(mode="json")`` (KubeRay's serveConfigV2 args)."""
-    cfg = ServingConfig.model_validate(args)
+def engine_deployment(cfg: EngineServiceConfig, server_cls: type, name_prefix: str, config_kwarg: str):
+    """The bound Serve application: one engine deployment of ``server_cls`` that is also the ingress,
+    which gets ``cfg`` (as JSON) in its ``config_kwarg`` keyword argument."""
     return build_llm_deployment(
         build_llm_config(cfg),
-        name_prefix=DEPLOYMENT_PREFIX,
-        bind_kwargs={"serving": cfg.model_dump(mode="json")},
-        deployment_cls=serve.ingress()(GuardedLLMServer),
+        name_prefix=name_prefix,
+        bind_kwargs={config_kwarg: cfg.model_dump(mode="json")},
+        deployment_cls=serve.ingress()(server_cls),
     )
+
+
+def build_app(args: dict):
+    """``args`` is ``ServingConfig.model_dump(mode="json")`` (KubeRay's serveConfigV2 args)."""
+    return engine_deployment(ServingConfig.model_validate(args), GuardedLLMServer, DEPLOYMENT_PREFIX, "serving")

@@ -1,8 +1,8 @@
-"""Serving stage config: the autoscaled OpenAI-compatible endpoint for the student."""
+"""Serving configs: the student's autoscaled OpenAI-compatible endpoint and the teacher scoring service."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -74,10 +74,13 @@ class RequestLogConfig(StrictModel):
         return self
 
 
-class ServingConfig(EngineMemory):
-    model: str | None = Field(None, description="Model to serve; defaults to the merged student.")
+class EngineServiceConfig(EngineMemory):
+    """What every vLLM endpoint of ours shares: model, engine, placement, autoscaling, auth."""
+
+    section: ClassVar[str] = "serving"  # its key in the pipeline config, for error messages
+
+    model: str | None = Field(None, description="Model to serve; the pipeline config fills the default.")
     model_id: str = Field("raystill-student", pattern=r"^[^:\s]+$", description="Name clients pass as `model`.")
-    adapters: dict[str, Location] = Field(default_factory=dict, description="LoRA adapters served on the base as 'base:name'.")
     accelerator: Literal["cpu", "gpu"] = Field("cpu", description="Engine hardware; picks the placement bundles.")
     accelerator_type: str | None = Field(None, description="GPU type Ray schedules on (e.g. 'L4', 'A10G'); gpu only.")
     host: str = Field("127.0.0.1", description="HTTP bind address for local runs (pods always bind 0.0.0.0).")
@@ -88,24 +91,16 @@ class ServingConfig(EngineMemory):
         description="Extra vLLM engine arguments (e.g. dtype, max_num_seqs, max_lora_rank); override derived ones.",
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_key_env: str | None = Field("RAYSTILL_API_KEY", description="Env var holding the API key; unset/empty = no auth.")
     api_key_file: str | None = Field(None, description="File holding the API key (e.g. a mounted Kubernetes Secret).")
     trust_remote_code: bool = Field(
         False, description="Set from the pipeline's top-level trust_remote_code: vLLM may run the model's own code.")
     allow_unauthenticated: bool = Field(
         False, description="Serve without an API key on a non-loopback host. Off: such a start is refused.")
-    request_log: RequestLogConfig = Field(default_factory=RequestLogConfig)
 
-    @field_validator("adapters")
-    @classmethod
-    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
-        import re
-
-        bad = [name for name in adapters if not re.match(_NAME, name)]
-        if bad:
-            raise ValueError(f"adapter names must match {_NAME} (letters, digits, '.', '_', '-'): {bad}")
-        return adapters
+    def engine_defaults(self) -> dict[str, Any]:
+        """Engine arguments this kind of endpoint needs (before ``engine_kwargs`` override them)."""
+        return {}
 
     @model_validator(mode="after")
     def _no_remote_code_through_engine_kwargs(self):
@@ -118,4 +113,63 @@ class ServingConfig(EngineMemory):
     def _accelerator_type_needs_gpu(self):
         if self.accelerator_type and self.accelerator != "gpu":
             raise ValueError("accelerator_type is only meaningful with accelerator: gpu")
+        return self
+
+
+class ServingConfig(EngineServiceConfig):
+    """The student's OpenAI-compatible endpoint."""
+
+    adapters: dict[str, Location] = Field(default_factory=dict, description="LoRA adapters served on the base as 'base:name'.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    request_log: RequestLogConfig = Field(default_factory=RequestLogConfig)
+
+    def engine_defaults(self) -> dict[str, Any]:
+        return {"enable_lora": True, "max_loras": len(self.adapters)} if self.adapters else {}
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        import re
+
+        bad = [name for name in adapters if not re.match(_NAME, name)]
+        if bad:
+            raise ValueError(f"adapter names must match {_NAME} (letters, digits, '.', '_', '-'): {bad}")
+        return adapters
+
+
+class ScoreLimitsConfig(StrictModel):
+    """Per-request limits of the teacher scoring service; a request over one gets a 400 naming it."""
+
+    max_tokens: int = Field(32768, ge=1, description="Most token ids (prompts + continuations) in one request.")
+    max_sequences: int = Field(256, ge=1, description="Most sequences in one request.")
+    max_top_k: int = Field(64, ge=1, description="Largest top_k a request may ask for (also vLLM's max_logprobs).")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body in bytes (413 beyond).")
+
+
+class TeacherServiceConfig(EngineServiceConfig):
+    """The teacher scoring service (service/teacher.py): per-token log-probs and top-k of given ids."""
+
+    section: ClassVar[str] = "teacher_service"
+
+    model_id: str = Field("raystill-teacher", pattern=r"^[^:\s]+$", description="Name of the teacher application's model.")
+    route_prefix: str = Field(
+        "/teacher", pattern=r"^/[A-Za-z0-9/_-]*$",
+        description="URL prefix of the application on the Serve proxy, so it can share a cluster with the student "
+        "(which serves at '/'): score at http://HOST:PORT<route_prefix>/v1/score.")
+    limits: ScoreLimitsConfig = Field(default_factory=ScoreLimitsConfig)
+
+    def local_url(self) -> str:
+        """The base URL on this machine (clients post to ``<base>/v1/token_scores``)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}{self.route_prefix.rstrip('/')}"
+
+    def engine_defaults(self) -> dict[str, Any]:
+        # Prefix caching skips the prefill of cached blocks, and with it their prompt log-probs.
+        return {"enable_prefix_caching": False, "max_logprobs": self.limits.max_top_k}
+
+    @model_validator(mode="after")
+    def _prefix_caching_stays_off(self):
+        if self.engine_kwargs.get("enable_prefix_caching"):
+            raise ValueError("teacher_service.engine_kwargs.enable_prefix_caching: true would drop prompt log-probs "
+                             "of cached prefixes (vLLM skips their prefill); leave it unset")
         return self

@@ -30,7 +30,7 @@ from typing import Any
 from cluster.errors import UserError
 from cluster.pii import redact, redact_messages
 from service.errors import Capacity, MaskedSend, send_error
-from service.limits import CHAT_PATH, GENERATE_PATHS, OPEN_PATHS, GuardError, check_body, check_route
+from service.limits import CHAT_PATH, STUDENT_ROUTES, TEACHER_ROUTES, GuardError, Routes, check_route
 from service.limits import text as message_text
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,9 @@ class GuardPolicy:
     max_prompt_chars: int
     max_body_bytes: int
     reject_seed: bool
-    max_in_flight: int | None = None  # generation requests one replica holds; beyond: 503 (service.errors)
+    max_in_flight: int | None = None  # engine requests one replica holds; beyond: 503 (service.errors)
+    routes: Routes = STUDENT_ROUTES
+    score: Any = None  # the teacher's ScoreLimitsConfig
 
     @classmethod
     def from_config(cls, cfg) -> GuardPolicy:
@@ -79,6 +81,14 @@ class GuardPolicy:
             reject_seed=cfg.accelerator == "cpu",
             max_in_flight=cfg.autoscaling.max_in_flight,
         )
+
+    @classmethod
+    def for_teacher(cls, cfg) -> GuardPolicy:
+        """From a ``TeacherServiceConfig``: the same key handling, the scoring route and its limits."""
+        return cls(api_key=load_api_key(cfg.api_key_env, cfg.api_key_file), max_tokens=cfg.limits.max_tokens,
+                   max_prompt_chars=0, max_body_bytes=cfg.limits.max_body_bytes, reject_seed=False,
+                   routes=TEACHER_ROUTES, score=cfg.limits,
+                   max_in_flight=cfg.autoscaling.max_in_flight)
 
 
 class ExposedWithoutKey(UserError):
@@ -228,6 +238,13 @@ class RequestLog:
         await asyncio.to_thread(self.flush)
 
 
+def route_path(scope: Scope) -> str:
+    """The path below the application's route prefix (Serve passes the prefix as ``root_path``)."""
+    root = scope.get("root_path", "")
+    path = scope["path"]
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
 async def _read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes | None:
     """The whole request body, at most ``limit`` bytes; None if the client went away."""
     too_big = GuardError(413, f"request body exceeds {limit} bytes", code="request_too_large")
@@ -264,7 +281,7 @@ class GuardMiddleware:
         if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
-        masked = MaskedSend(send, scope["path"])
+        masked = MaskedSend(send, route_path(scope))
         try:
             await self._http(scope, receive, masked)
         except GuardError as err:  # refusals go out unmasked: a 503 for overload is ours, not a failure
@@ -276,12 +293,13 @@ class GuardMiddleware:
             await send_error(send, masked.failure(500, traceback.format_exc()))
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        check_route(scope["path"])
-        if scope["path"] in OPEN_PATHS:
+        path = route_path(scope)
+        check_route(path, self.policy.routes)
+        if path in self.policy.routes.open:
             await self.app(scope, receive, send)
             return
         check_auth(dict(scope["headers"]), self.policy.api_key)
-        if scope["path"] not in GENERATE_PATHS:
+        if path not in self.policy.routes.checks:  # only the engine's routes take a slot
             await self._serve(scope, receive, send)
             return
         with self.capacity.slot():
@@ -304,7 +322,7 @@ class GuardMiddleware:
 
         receive_body = receive if raw is None else replay
         row = None
-        if self.request_log is not None and scope["path"] == CHAT_PATH and body is not None:
+        if self.request_log is not None and route_path(scope) == CHAT_PATH and body is not None:
             row = log_row(body, f"req-{uuid.uuid4().hex}", self.redact_pii)
         if row is None:
             await self.app(scope, receive_body, send)
@@ -322,13 +340,14 @@ class GuardMiddleware:
         raw = await _read_body(receive, dict(scope["headers"]), self.policy.max_body_bytes)
         if raw is None:
             return None
-        if scope["path"] not in GENERATE_PATHS:
+        check = self.policy.routes.checks.get(route_path(scope))
+        if check is None:
             return scope, raw, None
         try:
             parsed = json.loads(raw)
         except ValueError as e:
             raise GuardError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-        body = check_body(scope["path"], parsed, self.policy)
+        body = check(route_path(scope), parsed, self.policy)
         if body is not parsed:
             raw = json.dumps(body).encode()
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
@@ -338,7 +357,7 @@ class GuardMiddleware:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Websockets get the same route allowlist and key as HTTP; a refusal closes before accepting."""
         try:
-            check_route(scope["path"])
+            check_route(route_path(scope), self.policy.routes)
             check_auth(dict(scope["headers"]), self.policy.api_key)
         except GuardError as err:
             log.info("websocket %s refused: %s", scope["path"], err.message)

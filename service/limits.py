@@ -9,7 +9,11 @@ matching exception. Token limits are checked by type, not only by size: ``65.0``
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
+
+from service.score_codec import SCORE_PATH
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -40,9 +44,19 @@ class GuardError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def check_route(path: str) -> None:
-    if path not in ALLOWED_PATHS:
-        raise GuardError(404, f"no route {path}; this server serves {', '.join(ALLOWED_PATHS)}", code="not_found")
+@dataclass(frozen=True)
+class Routes:
+    """What one endpoint serves: every allowed path, the ones open without a key, and the JSON-bodied ones
+    with their typed check (``check(path, body, policy) -> body``)."""
+
+    allowed: tuple[str, ...]
+    open: tuple[str, ...] = OPEN_PATHS
+    checks: dict[str, Callable[[str, Any, Any], dict]] = field(default_factory=dict)
+
+
+def check_route(path: str, routes: Routes) -> None:
+    if path not in routes.allowed:
+        raise GuardError(404, f"no route {path}; this server serves {', '.join(routes.allowed)}", code="not_found")
 
 
 def text(content) -> str:
@@ -111,3 +125,41 @@ def _int_param(body: dict, key: str) -> int | None:
     return value
 
 
+
+
+def check_score_body(path: str, body: Any, policy) -> dict:
+    """A teacher scoring request (``service.score_codec``): ``{"sequences": [[id, ...], ...],
+    "prompt_lens": [n, ...], "top_k": k, "dtype": "float16" | "float32"}``, every number typed and
+    within ``policy.score`` (a ``ScoreLimitsConfig``). Returned unchanged."""
+    if not isinstance(body, dict):
+        raise GuardError(400, "request body must be a JSON object", code="invalid_json")
+    limits = policy.score
+    top_k = _int_param(body, "top_k")
+    if top_k is None or top_k > limits.max_top_k:
+        raise GuardError(400, f"top_k must be given, at most {limits.max_top_k}", code="invalid_value", param="top_k")
+    if body.get("dtype", "float16") not in ("float16", "float32"):
+        raise GuardError(400, "dtype must be 'float16' or 'float32'", code="invalid_value", param="dtype")
+    seqs, lens = body.get("sequences"), body.get("prompt_lens")
+    if not isinstance(seqs, list) or not isinstance(lens, list) or len(seqs) != len(lens) or not seqs:
+        raise GuardError(400, "sequences and prompt_lens must be non-empty lists of the same length",
+                         code="invalid_type", param="sequences")
+    if len(seqs) > limits.max_sequences:
+        raise GuardError(400, f"{len(seqs)} sequences exceed this server's limit of {limits.max_sequences}",
+                         code="too_many_sequences", param="sequences")
+    total = 0
+    for i, (ids, n) in enumerate(zip(seqs, lens, strict=True)):
+        if not isinstance(ids, list) or not all(type(t) is int and t >= 0 for t in ids):
+            raise GuardError(400, f"sequences[{i}] must be a list of non-negative integer token ids",
+                             code="invalid_type", param="sequences")
+        if type(n) is not int or not 1 <= n < len(ids):
+            raise GuardError(400, f"prompt_lens[{i}] must be an integer in [1, {len(ids) - 1}] (at least one "
+                             "prompt and one continuation token)", code="invalid_value", param="prompt_lens")
+        total += len(ids)
+    if total > limits.max_tokens:
+        raise GuardError(400, f"{total} token ids exceed this server's limit of {limits.max_tokens} per request",
+                         code="max_tokens_too_large", param="sequences")
+    return body
+
+
+STUDENT_ROUTES = Routes(ALLOWED_PATHS, OPEN_PATHS, {CHAT_PATH: check_body, COMPLETIONS_PATH: check_body})
+TEACHER_ROUTES = Routes((SCORE_PATH, *OPEN_PATHS), OPEN_PATHS, {SCORE_PATH: check_score_body})

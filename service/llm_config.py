@@ -1,4 +1,4 @@
-"""ServingConfig -> the keyword arguments of ``ray.serve.llm.LLMConfig``. Pure: no Ray, no vLLM.
+"""An endpoint config (``EngineServiceConfig``) -> the keyword arguments of ``ray.serve.llm.LLMConfig``. Pure: no Ray, no vLLM.
 
 Everything the engine replica needs is decided here, so it can be checked without starting
 anything: the model source, the vLLM engine arguments, the placement bundles (CPU vs GPU),
@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.kv_cache import KVCacheSize, resolve_kv_cache
-from service.config import ServingConfig
+from service.config import EngineServiceConfig
 
 # Engine arguments that ray.serve.llm sets itself (from model_loading_config) and rejects.
 _RESERVED_ENGINE_KWARGS = ("model", "served_model_name")
@@ -32,19 +32,19 @@ def adapter_model_id(model_id: str, adapter: str) -> str:
     return f"{model_id}{LORA_SEPARATOR}{adapter}"
 
 
-def max_num_seqs(cfg: ServingConfig) -> int:
+def max_num_seqs(cfg: EngineServiceConfig) -> int:
     """Sequences one replica's engine runs at once: Serve never hands it more than max_ongoing_requests."""
     return int(cfg.engine_kwargs.get("max_num_seqs", cfg.autoscaling.max_ongoing_requests))
 
 
-def kv_cache_size(cfg: ServingConfig, model_dir: str) -> KVCacheSize | None:
+def kv_cache_size(cfg: EngineServiceConfig, model_dir: str) -> KVCacheSize | None:
     """The KV cache in bytes (always on CPU, on GPU only when configured); None = vLLM's fraction."""
     if cfg.accelerator == "gpu" and cfg.kv_cache_gib is None:
         return None
     return resolve_kv_cache(cfg.kv_cache_gib, model_dir, cfg.max_model_len, max_num_seqs(cfg))
 
 
-def engine_kwargs(cfg: ServingConfig, kv_cache_bytes: int | None = None) -> dict[str, Any]:
+def engine_kwargs(cfg: EngineServiceConfig, kv_cache_bytes: int | None = None) -> dict[str, Any]:
     """vLLM engine arguments; ``kv_cache_bytes`` (from ``kv_cache_size``) replaces the memory fraction."""
     if kv_cache_bytes is not None:
         kwargs: dict[str, Any] = {"kv_cache_memory_bytes": kv_cache_bytes}
@@ -59,17 +59,16 @@ def engine_kwargs(cfg: ServingConfig, kv_cache_bytes: int | None = None) -> dict
         kwargs["enforce_eager"] = True
     if cfg.trust_remote_code:
         kwargs["trust_remote_code"] = True
-    if cfg.adapters:
-        kwargs["enable_lora"] = True
-        kwargs["max_loras"] = len(cfg.adapters)
+    kwargs.update(cfg.engine_defaults())
     kwargs.update(cfg.engine_kwargs)
     reserved = [k for k in _RESERVED_ENGINE_KWARGS if k in kwargs]
     if reserved:
-        raise ValueError(f"serving.engine_kwargs must not set {reserved}: use serving.model / serving.model_id")
+        s = cfg.section
+        raise ValueError(f"{s}.engine_kwargs must not set {reserved}: use {s}.model / {s}.model_id")
     return kwargs
 
 
-def placement_group_config(cfg: ServingConfig, engine: dict[str, Any]) -> dict[str, Any]:
+def placement_group_config(cfg: EngineServiceConfig, engine: dict[str, Any]) -> dict[str, Any]:
     """One bundle per engine worker (tensor x pipeline parallel), CPU or GPU.
 
     The replica actor's own CPU is merged into the first bundle by ray.serve.llm.
@@ -79,7 +78,7 @@ def placement_group_config(cfg: ServingConfig, engine: dict[str, Any]) -> dict[s
     return {"bundles": [dict(bundle) for _ in range(workers)], "strategy": "PACK"}
 
 
-def deployment_config(cfg: ServingConfig) -> dict[str, Any]:
+def deployment_config(cfg: EngineServiceConfig) -> dict[str, Any]:
     """Serve options of the engine deployment, which is also the HTTP ingress.
 
     ``target_ongoing_requests`` is always explicit: the ray.serve.llm default (1e9) means
@@ -110,7 +109,7 @@ def deployment_config(cfg: ServingConfig) -> dict[str, Any]:
     }
 
 
-def llm_config_kwargs(cfg: ServingConfig, resolved_model: str, kv_cache_bytes: int | None = None) -> dict[str, Any]:
+def llm_config_kwargs(cfg: EngineServiceConfig, resolved_model: str, kv_cache_bytes: int | None = None) -> dict[str, Any]:
     """Keyword arguments for ``ray.serve.llm.LLMConfig`` (``resolved_model``: a local path;
     s3:// models are passed through)."""
     engine = engine_kwargs(cfg, kv_cache_bytes)

@@ -74,3 +74,21 @@ def tiny_world(tmp_path_factory):
     from rayjobs.demo.world import DemoRecipe, prepare
 
     return prepare(str(tmp_path_factory.mktemp("world")), DemoRecipe.tiny(), progress=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def world_config(tiny_world):
+    """``world_config(name, tmp, **sections)``: a PipelineConfig over the tiny world, outputs under ``tmp``."""
+    from rayjobs.config import PipelineConfig
+
+    def make(name: str, tmp, **sections) -> PipelineConfig:
+        distillation = {"student": str(tiny_world.student), "output": str(tmp / "distill"),
+                        **sections.pop("distillation", {})}
+        return PipelineConfig.model_validate({
+            "name": name,
+            "generation": {"teacher": str(tiny_world.teacher), "input": {"path": str(tiny_world.train_jsonl)},
+                           "output": str(tmp / "gen"), **sections.pop("generation", {})},
+            "distillation": distillation, **sections,
+        })
+
+    return make

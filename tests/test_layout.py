@@ -2,7 +2,8 @@
 
 Rooms, top to bottom: the entry points (``rayjobs/*.py``: jobs and CLI) may import anything;
 the distillation stage (``rayjobs/distillation/``) imports ``cluster/``,
-``datasets_pipeline.records`` and the pure token cores both stages share (``SHARED_CORES``) at most; ``service/`` and ``datasets_pipeline/`` import only
+``datasets_pipeline.records``, the pure token cores both stages share and the teacher service's
+client (``SHARED_CORES``) at most; ``service/`` and ``datasets_pipeline/`` import only
 ``cluster/``; ``cluster/`` imports no other project package. The demo world
 (``rayjobs/demo/``) is reached only through the reference resolver (``rayjobs/refs.py``) and the
 CLI's own ``demo`` commands.
@@ -30,7 +31,8 @@ PURE = (
     "datasets_pipeline.alignment", "datasets_pipeline.prompts", "datasets_pipeline.targets",
     "datasets_pipeline.answers", "datasets_pipeline.assemble", "datasets_pipeline.topk", "datasets_pipeline.records",
     "datasets_pipeline.stats", "datasets_pipeline.vocab_cache",
-    "service.llm_config", "service.guard", "service.errors",
+    "service.llm_config", "service.guard", "service.errors", "service.limits", "service.score_codec",
+    "service.score_client", "rayjobs.distillation.service_teacher",
     "cluster.config", "cluster.kv_cache", "datasets_pipeline.config", "service.config",
     "rayjobs.distillation.config", "rayjobs.config",
 )
@@ -41,8 +43,9 @@ PURE = (
 # map, parsing answers), never
 # its Ray plumbing.
 SHARED_CORES = ("datasets_pipeline.records", "datasets_pipeline.alignment", "datasets_pipeline.vocab_cache",
-                "datasets_pipeline.targets",
-                "datasets_pipeline.answers", "datasets_pipeline.prompts")
+                "datasets_pipeline.targets", "datasets_pipeline.answers", "datasets_pipeline.prompts",
+                # and of service/, the teacher scoring service's client (teacher.source: service), never its app
+                "service.score_client")
 
 
 def _module_name(path: Path) -> str:

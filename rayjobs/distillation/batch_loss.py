@@ -6,6 +6,8 @@ The teacher signal comes from one of three places, fixed per run:
 * stored top-k (``kind: logit``, ``teacher.source: stored``): the collated ``TopKTeacher``, aligned
   by offset (same tokenizer) or by the generation stage's cross-tokenizer alignment;
   ``loss.xtok.method: uld`` replaces the divergence with ULD's sorted-probability distance.
+* the scoring service (``kind: logit``, ``teacher.source: service``): the same ``TopKTeacher``, its
+  columns filled per batch by the teacher service (``rayjobs.distillation.service_teacher``).
 * the online teacher (``kind: feature``, or ``logit`` with ``source: online``): the frozen teacher
   runs on the batch (``rayjobs.distillation.online_teacher``); ``feature`` adds the hidden-state and attention
   losses through the projections (``rayjobs.distillation.feature_losses``).
@@ -45,6 +47,7 @@ from rayjobs.distillation.feature_losses import (
 from rayjobs.distillation.losses import LossSettings, TopKTeacher, divergence_term
 from rayjobs.distillation.online_teacher import OnlineCollate, OnlineTeacher, TeacherTokens, load_teacher
 from rayjobs.distillation.schedule import loss_stage, temperature_at
+from rayjobs.distillation.service_teacher import ServiceCollate, ServiceTopK, client_for
 from rayjobs.distillation.xtok import uld_term
 
 BASE_TERMS = ("loss", "ce", "kd")
@@ -138,6 +141,13 @@ class WorkerLoss:
     collate: object
     projector: FeatureProjector | None
     teacher_dir: str | None
+    service: ServiceTopK | None = None
+
+    def progress(self) -> dict:
+        """Curve columns of the teacher service (cumulative per worker); empty for other teachers."""
+        if self.service is None:
+            return {}
+        return {"teacher_scored_tokens": self.service.scored_tokens, "teacher_retries": self.service.client.retried}
 
     @property
     def eager_attention(self) -> bool:
@@ -158,6 +168,10 @@ def build(cfg: DistillationConfig, total_steps: int, student_tok, student_config
     settings = CollateSettings(pad_id=pad_id(student_tok), max_seq_len=max_seq_len, packing=cfg.optim.packing,
                                with_teacher=stored_kd, xtok_map=cfg.loss.xtok.method == "vocab_map")
     loss = BatchLoss(cfg, total_steps)
+    if cfg.service_teacher:
+        ref = cfg.teacher.service
+        topk = ServiceTopK(client_for(ref), teacher_tok, student_tok, ref.top_k)
+        return WorkerLoss(loss, ServiceCollate(settings, topk), None, None, topk)
     if not cfg.online_teacher:
         return WorkerLoss(loss, functools.partial(collate, settings=settings), None, None)
     from transformers import AutoConfig

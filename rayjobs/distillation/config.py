@@ -16,7 +16,7 @@ SUPPLIED_UNSCORED = (
     "distillation.loss.kind 'logit' needs the teacher's top-k logprobs, and supplied responses "
     "(generation.input.response_field) carry none unless the teacher scores them: set "
     "generation.score_supplied: true (with generation.sampling.logprobs_topk > 0), or use "
-    "distillation.loss.kind 'data', or distillation.teacher.source 'online'")
+    "distillation.loss.kind 'data', or distillation.teacher.source 'online' or 'service'")
 
 
 class FeatureConfig(StrictModel):
@@ -89,13 +89,30 @@ class LossConfig(StrictModel):
         return self.model_dump(include={"divergence", "temperature", "alpha", "beta", "lam", "tail"})
 
 
+class TeacherServiceRef(StrictModel):
+    """Where ``source: service`` finds the teacher scoring service (service/teacher.py) and how it calls it."""
+
+    url: str | None = Field(
+        None, pattern=r"^https?://", description="Base URL (posts go to URL/v1/token_scores); default: the "
+        "teacher_service section of the same config (the app `raystill teacher serve` deploys).")
+    top_k: int = Field(20, ge=1, description="Teacher top-k per position asked of the service.")
+    timeout_s: float = Field(120.0, gt=0, description="Per request.")
+    retries: int = Field(8, ge=0, description="Retries of a request on connection errors and 500/502/503/504, with "
+                         "exponential backoff from 0.5 s (a replica restarting costs retries, not the run).")
+    api_key_env: str | None = Field(None, description="Env var with the service's API key, read in the workers; "
+                                    "default: teacher_service.api_key_env.")
+    api_key_file: str | None = Field(None, description="File with the key; default: teacher_service.api_key_file.")
+
+
 class TeacherConfig(StrictModel):
-    """The online teacher: frozen, run inside every training worker on each batch."""
+    """The teacher: stored top-k, online inside every training worker, or the scoring service."""
 
     model: str | None = Field(None, description="Teacher model; defaults to generation.teacher.")
-    source: Literal["stored", "online"] = Field(
-        "stored", description="kind 'logit': KD from the top-k stored by generation, or from the online teacher's "
-        "full logits. kind 'feature' always runs the teacher online.")
+    source: Literal["stored", "online", "service"] = Field(
+        "stored", description="kind 'logit': KD from the top-k stored by generation, from the online teacher's "
+        "full logits, or from the teacher scoring service scoring the stored samples on the fly (no top-k stored, "
+        "the teacher never in training memory). kind 'feature' always runs the teacher online.")
+    service: TeacherServiceRef = Field(default_factory=TeacherServiceRef)
     shard: Literal["none", "zero3"] = Field(
         "none", description="'zero3': partition the teacher's weights across workers with DeepSpeed ZeRO-3 "
         "(no optimizer), for teachers too large for one device; 'none': a full copy per worker.")
@@ -237,6 +254,11 @@ class DistillationConfig(StrictModel):
     )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @property
+    def service_teacher(self) -> bool:
+        """Whether logit KD gets the teacher's top-k from the scoring service."""
+        return self.loss.kind == "logit" and self.teacher.source == "service"
 
     @property
     def online_teacher(self) -> bool:

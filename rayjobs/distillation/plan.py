@@ -14,6 +14,7 @@ from cluster.errors import ConfigError
 from rayjobs.distillation.collate import BASE_COLUMNS, TEACHER_COLUMNS
 from rayjobs.distillation.config import SUPPLIED_UNSCORED, DistillationConfig, OptimConfig
 from rayjobs.distillation.online_teacher import ONLINE_COLUMNS
+from rayjobs.distillation.service_teacher import SERVICE_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ def context_report(d: DistillationConfig, limit: int, stats: dict[str, int]) -> 
 def training_columns(d: DistillationConfig) -> list[str]:
     if d.online_teacher:
         return list(BASE_COLUMNS + ONLINE_COLUMNS)
+    if d.service_teacher:
+        return list(BASE_COLUMNS + SERVICE_COLUMNS)
     return list(BASE_COLUMNS + (TEACHER_COLUMNS if d.loss.kind == "logit" else ()))
 
 
@@ -66,16 +69,16 @@ def check_supported(d: DistillationConfig, stats: dict[str, int] | None = None) 
         return
     if not stats["train"]:
         raise ConfigError(f"no 'train' rows in the committed shards at {d.data}")
-    if d.loss.kind == "logit" and not d.online_teacher and not stats["with_teacher_topk"]:
+    if d.loss.kind == "logit" and d.teacher.source == "stored" and not stats["with_teacher_topk"]:
         raise ConfigError("distillation.loss.kind='logit' needs stored teacher top-k at the student's positions, and "
                           "no row has it: generate with generation.sampling.logprobs_topk > 0 and preprocess.reasoning "
-                          "'keep' (or set distillation.teacher.source: online)")
+                          "'keep' (or set distillation.teacher.source: online or service)")
 
 
 def check_teacher_signal(d: DistillationConfig, manifest: dict | None) -> None:
     """Stored-top-k logit KD on shards whose manifest says their samples were supplied and not scored:
     refused naming the knob, before Ray starts (the shards may come from another config than this one)."""
-    if d.loss.kind != "logit" or d.online_teacher or not manifest:
+    if d.loss.kind != "logit" or d.online_teacher or d.service_teacher or not manifest:
         return
     if manifest.get("samples_source") == "supplied" and not manifest.get("topk_k"):
         raise ConfigError(f"{SUPPLIED_UNSCORED} (the shards at {d.data} hold supplied samples without them)")

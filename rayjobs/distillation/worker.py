@@ -228,6 +228,7 @@ class _Worker:
     state: TrainerState
     loss: batch_loss.BatchLoss
     collate_fn: RayCollate
+    progress: object  # () -> dict of teacher-side curve columns (batch_loss.WorkerLoss.progress)
 
     def __post_init__(self):
         self.checkpointer = Checkpointer(self.engine, self.state, self.rank, self.world, self.config["run_dir"])
@@ -263,6 +264,7 @@ class _Worker:
                 base_lr = max(engine.lr_scheduler.base_lrs)
                 row = meter.row(state, base_lr * self.lr_lambda(state.step - 1), self.world, ga)
                 row.update(self.loss.schedule_row(state.step - 1))
+                row.update(self.progress())
                 state.tokens += row["tokens"]
                 if self.rank == 0:
                     state.history.append(row)
@@ -307,17 +309,18 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = int(config["total_steps"])
     student_dir = localize(config["student"])
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    teacher_dir = localize(config["teacher"]) if cfg.online_teacher else None
+    # The service teacher needs only the teacher's tokenizer here (its prompt rendering and vocabulary).
+    teacher_dir = localize(config["teacher"]) if config["teacher"] else None
     teacher_tok = AutoTokenizer.from_pretrained(teacher_dir) if teacher_dir else None
     parts = batch_loss.build(cfg, total_steps, tokenizer, AutoConfig.from_pretrained(student_dir),
-                             int(config["max_seq_len"]), teacher_dir, teacher_tok)
+                             int(config["max_seq_len"]), teacher_dir if cfg.online_teacher else None, teacher_tok)
     engine, lr_lambda = _build_engine(cfg, student_dir, total_steps, ctx.get_world_size(), parts)
-    if teacher_dir:
+    if cfg.online_teacher:
         parts.attach_teacher(tokenizer, teacher_tok, engine.device)
     worker = _Worker(
         config=config, cfg=cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), student_dir=student_dir,
         engine=engine, lr_lambda=lr_lambda, state=restore(engine, TrainerState(), config["run_dir"]),
-        loss=parts.loss, collate_fn=RayCollate(parts.collate),
+        loss=parts.loss, collate_fn=RayCollate(parts.collate), progress=parts.progress,
     )
     worker.train(ray.train.get_dataset_shard("train"), total_steps)
     worker.finish()

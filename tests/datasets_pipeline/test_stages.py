@@ -5,7 +5,8 @@ import math
 
 import numpy as np
 
-from datasets_pipeline.stages import StudentStage, map_ids
+from datasets_pipeline.alignment import map_ids
+from datasets_pipeline.stages import StudentStage
 
 COMPLETION = "<think>\n7+5+0=12\n4+8+1=13\n</think>\n132"
 

@@ -47,13 +47,17 @@ def _ray_docs(docs, kind=None):
 
 
 def test_the_kustomizations_are_the_expected_ones():
-    assert KUSTOMIZATIONS == ["k8s/base", "k8s/overlays/cpu", "k8s/overlays/gpu"]
+    assert KUSTOMIZATIONS == ["k8s/base", "k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/overlays/teacher"]
+
+
+TEACHER = "k8s/overlays/teacher"  # the CPU stack plus the teacher scoring service's RayService
 
 
 @pytest.mark.parametrize("target", KUSTOMIZATIONS)
 def test_renders_one_of_each_ray_object(rendered, target):
     kinds = sorted(d["kind"] for d in rendered[target])
-    assert kinds == ["NetworkPolicy", "RayCluster", "RayJob", "RayService", "ServiceAccount"]
+    services = ["RayService"] * (2 if target == TEACHER else 1)
+    assert kinds == ["NetworkPolicy", "RayCluster", "RayJob", *services, "ServiceAccount"]
 
 
 @pytest.mark.parametrize("target", KUSTOMIZATIONS)
@@ -132,8 +136,8 @@ def test_every_container_is_bounded_and_unprivileged(rendered, target):
             sc = c.get("securityContext") or {}
             assert sc.get("privileged") is False and sc.get("allowPrivilegeEscalation") is False, where
             seen += 1
-    # 3 kinds x (head + worker + autoscaler) + the job submitter
-    assert seen == 10
+    # 3 kinds x (head + worker + autoscaler) + the job submitter (+ the teacher's cluster)
+    assert seen == 10 + 3 * (target == TEACHER)
 
 
 @pytest.mark.parametrize("target", KUSTOMIZATIONS)
@@ -262,6 +266,7 @@ def test_generated_manifests_are_the_base_and_the_gpu_patch():
     assert [p.relative_to(ROOT).as_posix() for p in GENERATED] == [
         "k8s/base/rayservice.student.yaml",
         "k8s/overlays/gpu/rayservice.serve-config.yaml",
+        "k8s/overlays/teacher/rayservice.teacher.yaml",
     ]
 
 
@@ -269,7 +274,7 @@ def test_generated_manifests_are_the_base_and_the_gpu_patch():
 def test_committed_serve_config_is_up_to_date(manifest):
     doc = yaml.safe_load(manifest.read_text())
     config, overrides = kuberay.manifest_source(doc)
-    expected = kuberay.render_serve_config_v2(load_config(ROOT / config, overrides))
+    expected = kuberay.render_serve_config_v2(load_config(ROOT / config, overrides), kuberay.manifest_app(doc))
     assert doc["spec"]["serveConfigV2"] == expected, "stale: run `python -m rayjobs.kuberay --all`"
 
 
@@ -287,11 +292,20 @@ def test_serve_config_comes_from_the_k8s_profile():
 def test_rendered_service_serves_what_its_overlay_means(rendered, target):
     from ray.serve.schema import ServeDeploySchema
 
-    service = _ray_docs(rendered[target], "RayService")[0]
-    serve = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
-    app = serve.applications[0]
-    assert (app.name, app.route_prefix, app.import_path) == ("raystill", "/", kuberay.APP_IMPORT_PATH)
-    assert app.args["accelerator"] == ("gpu" if target.endswith("gpu") else "cpu")
+    for service in _ray_docs(rendered[target], "RayService"):
+        serve = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+        app = serve.applications[0]
+        if service["metadata"]["name"] == "raystill-teacher":
+            expected = (kuberay.TEACHER_APP_NAME, "/teacher", kuberay.TEACHER_IMPORT_PATH)
+        else:
+            expected = (kuberay.APP_NAME, "/", kuberay.APP_IMPORT_PATH)
+        assert (app.name, app.route_prefix, app.import_path) == expected
+        assert app.args["accelerator"] == ("gpu" if target.endswith("gpu") else "cpu")
+        assert app.args["host"] == "0.0.0.0"  # the exposure check sees the pod's bind: no key, no start
+        _serves_on_its_port_with_the_key(service, serve, app)
+
+
+def _serves_on_its_port_with_the_key(service, serve, app):
     head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {p["name"]: p["containerPort"] for p in head["ports"]}["serve"] == serve.http_options.port
     assert serve.http_options.host == "0.0.0.0"

@@ -48,11 +48,10 @@ def _adapter(student: str, out: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def app(tiny_world, ray_local, s3_server, tmp_path_factory):
+def app(tiny_world, ray_local, s3_server, tmp_path_factory, world_config):
     from ray import serve
 
     from rayjobs import serve as serve_job
-    from rayjobs.config import PipelineConfig
     from service.app import deployment_name
 
     tmp = tmp_path_factory.mktemp("serving")
@@ -71,19 +70,13 @@ def app(tiny_world, ray_local, s3_server, tmp_path_factory):
         remote_error = f"cluster.storage.localize fails on a flat s3:// directory: {e}"
     adapters = {"adapter": adapter} if remote_error else {"adapter": adapter, "remote": "s3://serving/adapters/remote"}
     (tmp / "api-key").write_text(KEY + "\n")
-    cfg = PipelineConfig.model_validate({
-        "name": "serve-test",
-        "generation": {"teacher": str(tiny_world.teacher), "input": {"path": str(tiny_world.train_jsonl)},
-                       "output": str(tmp / "gen")},
-        "distillation": {"student": str(tiny_world.student), "output": str(tmp / "distill")},
-        "serving": {
-            "model": str(tiny_world.student), "port": free_port(),
-            "api_key_file": str(tmp / "api-key"), "api_key_env": None,
-            "adapters": adapters,
-            "limits": LIMITS, "autoscaling": AUTOSCALING,
-            "request_log": {"enabled": True, "path": "s3://serving/served", "include_completions": True,
-                            "flush_interval_s": 1},
-        },
+    cfg = world_config("serve-test", tmp, serving={
+        "model": str(tiny_world.student), "port": free_port(),
+        "api_key_file": str(tmp / "api-key"), "api_key_env": None,
+        "adapters": adapters,
+        "limits": LIMITS, "autoscaling": AUTOSCALING,
+        "request_log": {"enabled": True, "path": "s3://serving/served", "include_completions": True,
+                        "flush_interval_s": 1},
     })
     started = time.monotonic()
     url = serve_job.run(cfg, log=print, block=False)

@@ -15,96 +15,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
 
 pytestmark = pytest.mark.slow
-
-TOPK = 4
-
-
-def _completion(messages: list[dict]) -> str:
-    from rayjobs.demo.task import Problem, assistant_content
-
-    a, b = map(int, re.search(r"(\d+) \+ (\d+)", messages[-1]["content"]).groups())
-    return assistant_content(Problem(a, b))
-
-
-def build_shards(world, out: Path, n_train: int = 40, n_val: int = 8) -> None:
-    """Generation-stage output for ``world.student``, the teacher's top-k from its forward pass."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from datasets_pipeline import records as R
-    from datasets_pipeline.shards import ShardStore
-    from datasets_pipeline.stages import StudentStage
-    from datasets_pipeline.targets import render_prompt
-    from rayjobs.demo.task import read_prompts_jsonl
-
-    tok = AutoTokenizer.from_pretrained(world.teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(world.teacher, dtype=torch.float32).eval()
-    cfg = {"teacher": str(world.teacher), "input": {"path": "unused"}, "output": str(out),
-           "sampling": {"logprobs_topk": TOPK, "max_new_tokens": 96}}
-    stage = StudentStage(cfg, str(world.teacher), str(world.student))
-    rows = []
-    for i, record in enumerate(read_prompts_jsonl(world.train_jsonl)[: n_train + n_val]):
-        messages, completion = record["messages"], _completion(record["messages"])
-        prompt = tok(render_prompt(tok, messages), add_special_tokens=False)["input_ids"]
-        tokens = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        with torch.no_grad():
-            logits = teacher(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
-        lps, ids = torch.log_softmax(logits, -1).topk(TOPK, -1)
-        out_row = stage({
-            "prompt_id": f"p{i:04d}", "sample_id": f"p{i:04d}/0", "sample_index": 0,
-            "split": "val" if i >= n_train else "train", "messages": json.dumps(messages),
-            "reference": record["answer"], "generated_text": completion,
-            "generated_tokens": np.asarray(tokens, np.int32), "topk_ids": ids.numpy().astype(np.int32).reshape(-1),
-            "topk_logprobs": lps.numpy().astype(np.float16).reshape(-1),
-        })
-        assert out_row["status"] == "ok" and out_row["teacher_align"], out_row
-        rows.append({k: out_row[k] for k in R.SAMPLE_COLUMNS})
-    ShardStore(str(out)).write_shard(0, rows, [], [r["prompt_id"] for r in rows], [], {"kept": len(rows)})
-
-
-@pytest.fixture(scope="module")
-def xtok_world(tiny_world, tmp_path_factory):
-    root = tmp_path_factory.mktemp("xtok")
-    build_shards(tiny_world, root / "generated")
-    return root
-
-
-def write_config(world, root: Path, name: str, distillation: dict) -> Path:
-    cfg = {
-        "name": name,
-        "runs_root": str(root / "runs"),
-        "generation": {"teacher": str(world.teacher), "input": {"path": str(world.train_jsonl)},
-                       "output": str(root / "generated"), "sampling": {"max_new_tokens": 64, "logprobs_topk": TOPK}},
-        "distillation": {
-            "student": str(world.student),
-            "output": str(root / "out" / name),
-            "max_seq_len": 512,  # more than the student's 128 positions: the limit is the model's
-            "optim": {"lr": 3e-3, "max_steps": 4, "micro_batch_size": 8, "warmup_ratio": 0.25},
-            "deepspeed": {"zero_stage": 2},
-            "scaling": {"torch_threads": 1},
-            "checkpoint_every": 100,
-            "eval": {"limit": 4, "max_new_tokens": 48, "batch_size": 4},
-            **distillation,
-        },
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _curve(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
 
 
-def test_feature_distillation_with_online_teacher_across_tokenizers(tiny_world, xtok_world, ray_local):
+def test_feature_distillation_with_online_teacher_across_tokenizers(tiny_world, xtok_world, distill_config, ray_local):
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -112,7 +34,7 @@ def test_feature_distillation_with_online_teacher_across_tokenizers(tiny_world, 
     from rayjobs.config import load_config
     from rayjobs.distill import run
 
-    path = write_config(tiny_world, xtok_world, "feature", {
+    path = distill_config("feature", {
         "loss": {"kind": "feature", "alpha": 0.5,
                  "feature": {"hidden_loss": "cosine", "hidden_weight": 1.0, "attention_weight": 0.5},
                  "schedule": {"stage1_steps": 2, "temperature_start": 2.0, "temperature_end": 1.0}},
@@ -140,11 +62,11 @@ def test_feature_distillation_with_online_teacher_across_tokenizers(tiny_world, 
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
 
 
-def test_logit_distillation_from_stored_topk_across_tokenizers(tiny_world, xtok_world, ray_local):
+def test_logit_distillation_from_stored_topk_across_tokenizers(tiny_world, xtok_world, distill_config, ray_local):
     from rayjobs.config import load_config
     from rayjobs.distill import train
 
-    path = write_config(tiny_world, xtok_world, "xtok-logit", {
+    path = distill_config("xtok-logit", {
         "loss": {"kind": "logit", "alpha": 0.5, "xtok": {"method": "vocab_map"}},
         "optim": {"lr": 3e-3, "max_steps": 2, "micro_batch_size": 8},
     })
@@ -154,12 +76,12 @@ def test_logit_distillation_from_stored_topk_across_tokenizers(tiny_world, xtok_
     assert state["final"]["val_kd"] > 0
 
 
-def test_online_logit_distillation_with_a_zero3_sharded_teacher(tiny_world, xtok_world, ray_local):
+def test_online_logit_distillation_with_a_zero3_sharded_teacher(tiny_world, xtok_world, distill_config, ray_local):
     """The teacher under DeepSpeed ZeRO-3 (parameters offloaded to CPU) beside the student's ZeRO-2 engine."""
     from rayjobs.config import load_config
     from rayjobs.distill import train
 
-    path = write_config(tiny_world, xtok_world, "online-zero3", {
+    path = distill_config("online-zero3", {
         "loss": {"kind": "logit", "alpha": 0.5, "xtok": {"online_topk": 8}},
         "teacher": {"source": "online", "shard": "zero3", "offload": True},
         "optim": {"lr": 3e-3, "max_steps": 2, "micro_batch_size": 8},
@@ -183,7 +105,7 @@ def test_context_policy_drop_filters_in_the_dataset(xtok_world, ray_local):
     assert kept["train"].count() == 40 and dropped["train"].count() == 0
 
 
-def test_a_student_below_the_gate_never_becomes_what_is_served(tiny_world, xtok_world, ray_local):
+def test_a_student_below_the_gate_never_becomes_what_is_served(tiny_world, xtok_world, distill_config, ray_local):
     """#17 item 9: before, the merged student was written over the served location before its eval.
 
     A first run passes its gate and is released to ``out/merged``; a second run into the same output
@@ -196,12 +118,12 @@ def test_a_student_below_the_gate_never_becomes_what_is_served(tiny_world, xtok_
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
     base = {"loss": {"kind": "data"}, "optim": {"lr": 3e-3, "max_steps": 2, "micro_batch_size": 8}}
-    first = run(load_config(write_config(tiny_world, xtok_world, "gate-pass", {**base, "output": str(xtok_world / "gate")})))
+    first = run(load_config(distill_config("gate-pass", {**base, "output": str(xtok_world / "gate")})))
     served = xtok_world / "gate" / "merged"
     assert first["released"] and json.loads((served / "RELEASE.json").read_text())["version"] == first["merged"]
     before = {"served": snapshot(served), "version": snapshot(Path(first["merged"]))}
 
     failing = {**base, "output": str(xtok_world / "gate"), "gate": {"min_em": 1.0, "min_teacher_agreement": 1.0}}
-    second = run(load_config(write_config(tiny_world, xtok_world, "gate-fail", failing)))
+    second = run(load_config(distill_config("gate-fail", failing)))
     assert not second["gate"]["passed"] and not second["released"] and second["merged"] != first["merged"]
     assert {"served": snapshot(served), "version": snapshot(Path(first["merged"]))} == before

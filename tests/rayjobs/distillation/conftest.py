@@ -1,0 +1,94 @@
+"""Shards of the tiny demo world made without vLLM (the generation stage's own ``StudentStage``),
+shared by the cross-tokenizer and teacher-service distillation tests."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+TOPK = 4
+
+
+def _completion(messages: list[dict]) -> str:
+    from rayjobs.demo.task import Problem, assistant_content
+
+    a, b = map(int, re.search(r"(\d+) \+ (\d+)", messages[-1]["content"]).groups())
+    return assistant_content(Problem(a, b))
+
+
+def build_shards(world, out: Path, n_train: int = 40, n_val: int = 8) -> None:
+    """Generation-stage output for ``world.student``, the teacher's top-k from its forward pass."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from datasets_pipeline import records as R
+    from datasets_pipeline.shards import ShardStore
+    from datasets_pipeline.stages import StudentStage
+    from datasets_pipeline.targets import render_prompt
+    from rayjobs.demo.task import read_prompts_jsonl
+
+    tok = AutoTokenizer.from_pretrained(world.teacher)
+    teacher = AutoModelForCausalLM.from_pretrained(world.teacher, dtype=torch.float32).eval()
+    cfg = {"teacher": str(world.teacher), "input": {"path": "unused"}, "output": str(out),
+           "sampling": {"logprobs_topk": TOPK, "max_new_tokens": 96}}
+    stage = StudentStage(cfg, str(world.teacher), str(world.student))
+    rows = []
+    for i, record in enumerate(read_prompts_jsonl(world.train_jsonl)[: n_train + n_val]):
+        messages, completion = record["messages"], _completion(record["messages"])
+        prompt = tok(render_prompt(tok, messages), add_special_tokens=False)["input_ids"]
+        tokens = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = teacher(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+        lps, ids = torch.log_softmax(logits, -1).topk(TOPK, -1)
+        out_row = stage({
+            "prompt_id": f"p{i:04d}", "sample_id": f"p{i:04d}/0", "sample_index": 0,
+            "split": "val" if i >= n_train else "train", "messages": json.dumps(messages),
+            "reference": record["answer"], "generated_text": completion,
+            "generated_tokens": np.asarray(tokens, np.int32), "topk_ids": ids.numpy().astype(np.int32).reshape(-1),
+            "topk_logprobs": lps.numpy().astype(np.float16).reshape(-1),
+        })
+        assert out_row["status"] == "ok" and out_row["teacher_align"], out_row
+        rows.append({k: out_row[k] for k in R.SAMPLE_COLUMNS})
+    ShardStore(str(out)).write_shard(0, rows, [], [r["prompt_id"] for r in rows], [], {"kept": len(rows)})
+
+
+@pytest.fixture(scope="module")
+def xtok_world(tiny_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("xtok")
+    build_shards(tiny_world, root / "generated")
+    return root
+
+
+@pytest.fixture(scope="module")
+def distill_config(tiny_world, xtok_world):
+    """``distill_config(name, distillation) -> path``: a config over ``xtok_world``'s shards."""
+    return lambda name, distillation, **sections: write_config(tiny_world, xtok_world, name, distillation, **sections)
+
+
+def write_config(world, root: Path, name: str, distillation: dict, **sections) -> Path:
+    cfg = {
+        "name": name,
+        "runs_root": str(root / "runs"),
+        "generation": {"teacher": str(world.teacher), "input": {"path": str(world.train_jsonl)},
+                       "output": str(root / "generated"), "sampling": {"max_new_tokens": 64, "logprobs_topk": TOPK}},
+        "distillation": {
+            "student": str(world.student),
+            "output": str(root / "out" / name),
+            "max_seq_len": 512,  # more than the student's 128 positions: the limit is the model's
+            "optim": {"lr": 3e-3, "max_steps": 4, "micro_batch_size": 8, "warmup_ratio": 0.25},
+            "deepspeed": {"zero_stage": 2},
+            "scaling": {"torch_threads": 1},
+            "checkpoint_every": 100,
+            "eval": {"limit": 4, "max_new_tokens": 48, "batch_size": 4},
+            **distillation,
+        },
+        **sections,
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -74,3 +74,11 @@ def tiny_world(tmp_path_factory):
     from rayjobs.demo.world import DemoRecipe, prepare
 
     return prepare(str(tmp_path_factory.mktemp("world")), DemoRecipe.tiny(), progress=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def r1_tiny_world(tmp_path_factory):
+    """The r1-qwen world's tiny recipe: real R1/Qwen2.5 tokenizers and full vocabularies, few training steps."""
+    from rayjobs.demo.r1_world import R1Recipe, prepare_r1
+
+    return prepare_r1(str(tmp_path_factory.mktemp("r1-world")), R1Recipe.tiny(), progress=lambda *a: None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rayjobs.demo.train_lm import IGNORE_INDEX
 
@@ -53,15 +53,15 @@ class CompactIds:
         return {k: None if v is None else self._compact[v] for k, v in ids.items()}
 
 
-def expand(compact: Qwen2ForCausalLM, full_config: Qwen2Config, ids: CompactIds, tail_scale: float,
-           seed: int) -> Qwen2ForCausalLM:
+def expand(compact: PreTrainedModel, full_config: PretrainedConfig, ids: CompactIds, tail_scale: float,
+           seed: int) -> PreTrainedModel:
     """A full-vocabulary copy of ``compact``: trained rows at their real ids, a random tail elsewhere.
 
     Tail rows are N(0, (tail_scale * std of the trained rows)^2), so their logits sit near zero while
     the trained ids' logits stay far above: greedy answers are unchanged and the tail's share of
     the probability mass is small but not zero. Embeddings are tied, so this sets the LM head too.
     """
-    full = Qwen2ForCausalLM(full_config)
+    full = type(compact)(full_config)
     body = {k: v for k, v in compact.state_dict().items() if "embed_tokens" not in k and k != "lm_head.weight"}
     missing, unexpected = full.load_state_dict(body, strict=False)
     if unexpected or any("embed_tokens" not in k and k != "lm_head.weight" for k in missing):
@@ -79,7 +79,7 @@ def expand(compact: Qwen2ForCausalLM, full_config: Qwen2Config, ids: CompactIds,
 
 
 @torch.no_grad()
-def tail_mass(model: Qwen2ForCausalLM, batch: dict[str, torch.Tensor], ids: CompactIds) -> float:
+def tail_mass(model: PreTrainedModel, batch: dict[str, torch.Tensor], ids: CompactIds) -> float:
     """Mean probability the full model puts outside the task's id set, over the labelled positions."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     probs = logits.float().softmax(-1)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rayjobs.demo import r1_task
 from rayjobs.demo.compact import CompactIds, compact_ids, expand, tail_mass
@@ -56,8 +56,21 @@ def _task_vocabulary(tokenizer, recipe, problems) -> CompactIds:
     return CompactIds(compact_ids(tokenizer, rendered + numbers))
 
 
-def _teacher_config(recipe, vocab_size: int, ids: dict) -> Qwen2Config:
-    return Qwen2Config(**config_kwargs(recipe.teacher.model_dump(), vocab_size, ids))
+def _teacher_config(recipe, vocab_size: int, ids: dict) -> LlamaConfig:
+    """Llama, as DeepSeek-R1-Distill-Llama: for a ``qwen2`` config transformers (and so vLLM) would
+    load the tokenizer as Qwen2Tokenizer, which splits digits singly where DeepSeek's keeps 3."""
+    return LlamaConfig(**config_kwargs(recipe.teacher.model_dump(), vocab_size, ids))
+
+
+def _check_loaded_tokenizer(tok, model_dir: Path, problem) -> None:
+    """Refuse a model directory whose tokenizer, as loaders load it (the class follows the model
+    type), tokenizes the task unlike ``tok``: the model would be trained on ids no loader produces."""
+    text = tok.apply_chat_template(r1_task.prompt_messages(problem), add_generation_prompt=True, tokenize=False)
+    text += r1_task.completion(problem)
+    loaded = AutoTokenizer.from_pretrained(model_dir)
+    if loaded.encode(text, add_special_tokens=False) != tok.encode(text, add_special_tokens=False):
+        raise RuntimeError(f"{type(loaded).__name__} loaded from {model_dir} tokenizes the task unlike the "
+                           f"{len(tok):,}-id tokenizer it was saved from")
 
 
 def train_teacher(recipe, task: dict, paths: dict[str, Path], progress: Callable[[str], None]) -> dict:
@@ -70,9 +83,12 @@ def train_teacher(recipe, task: dict, paths: dict[str, Path], progress: Callable
     ids = _task_vocabulary(tok, recipe, task["train"][:200] + validation)
     full_config = _teacher_config(recipe, R1_VOCAB_SIZE, special_ids(tok))
     torch.manual_seed(recipe.seed)
-    compact = Qwen2ForCausalLM(_teacher_config(recipe, -(-len(ids) // 64) * 64, ids.special_ids(special_ids(tok))))
+    full_config.save_pretrained(paths["teacher"])
+    save_real_tokenizer(tok, paths["teacher"])
+    _check_loaded_tokenizer(tok, paths["teacher"], validation[0])
+    compact = LlamaForCausalLM(_teacher_config(recipe, -(-len(ids) // 64) * 64, ids.special_ids(special_ids(tok))))
 
-    def full() -> Qwen2ForCausalLM:
+    def full() -> LlamaForCausalLM:
         return expand(compact, full_config, ids, recipe.tail_scale, recipe.seed + 100)
 
     def examples():
@@ -81,7 +97,7 @@ def train_teacher(recipe, task: dict, paths: dict[str, Path], progress: Callable
 
     val = [{"messages": r1_task.prompt_messages(p), "answer": p.answer} for p in validation]
     settings = recipe.sft_settings()
-    progress(f"teacher: Qwen2 trained on {len(ids)} of R1's {R1_VOCAB_SIZE:,} ids, up to {recipe.steps} steps")
+    progress(f"teacher: Llama trained on {len(ids)} of R1's {R1_VOCAB_SIZE:,} ids, up to {recipe.steps} steps")
     # The collate pads with the real tokenizer's pad id (1, compact id 1 too); padded positions are
     # masked out of attention and loss, so any in-range id would do.
     training = train_causal_lm(
@@ -103,13 +119,14 @@ def train_teacher(recipe, task: dict, paths: dict[str, Path], progress: Callable
     return {"em": em, "info": info}
 
 
-def make_student(recipe, paths: dict[str, Path], progress: Callable[[str], None]) -> dict:
+def make_student(recipe, problem, paths: dict[str, Path], progress: Callable[[str], None]) -> dict:
     """A random Qwen2 student with Qwen2.5's vocabulary (151,936 rows, tied) and its ChatML tokenizer."""
     tok = qwen_tokenizer()
     config = Qwen2Config(**config_kwargs(recipe.student.model_dump(), QWEN_VOCAB_SIZE, special_ids(tok)))
     torch.manual_seed(recipe.seed + 1)
     student = Qwen2ForCausalLM(config)
     save_model(student, tok, paths["student"], save_tok=save_real_tokenizer)
+    _check_loaded_tokenizer(tok, paths["student"], problem)
     params = param_count(student)
     progress(f"student: Qwen2 {params:,} params, vocabulary {QWEN_VOCAB_SIZE:,} ({len(tok):,} tokenizer ids)")
     return {"params": params, "vocab_size": QWEN_VOCAB_SIZE, "tokenizer_ids": len(tok)}

@@ -3,8 +3,8 @@
 A user's first real run distills an R1-class teacher (DeepSeek's 129,280-id BPE, R1's chat
 template with ``<think>``) into a Qwen2.5 student (151,665 ids padded to 151,936 rows, ChatML with
 a default system prompt). No hub is reachable, so this world builds that pair offline: both real
-tokenizers (``real_tokenizers``), a tiny-width Qwen2 teacher with the FULL R1 vocabulary that
-solves the bilingual addition task (``r1_task``), trained on the task's compact id set and then
+tokenizers (``real_tokenizers``), a tiny-width Llama teacher (as R1-Distill-Llama) with the FULL R1
+vocabulary that solves the bilingual addition task (``r1_task``), trained on the task's compact id set and then
 placed at the real ids (``compact``), and a random tiny Qwen2 student with Qwen2.5's vocabulary
 and tied embeddings. Cached like the toy world (``world.build_once``) under
 ``<root>/demo/r1-qwen-<recipe hash>/``; ``demo:r1-teacher``, ``demo:r1-student``,
@@ -28,7 +28,7 @@ from pydantic import Field
 from rayjobs.demo.world import WORLD_FILE, BuiltWorld, ModelShape, TeacherTraining, build_once, cache_root
 
 # Bump when the build code changes what a recipe produces, so stale caches are not reused.
-R1_WORLD_VERSION = 1
+R1_WORLD_VERSION = 2
 WORLD_NAME = "r1-qwen"
 
 _LAYOUT = {"teacher": "teacher", "student": "student", "train_jsonl": "data/train.jsonl",
@@ -54,7 +54,7 @@ class R1Recipe(TeacherTraining):
     teacher: ModelShape = Field(
         ModelShape(hidden_size=96, num_layers=3, num_heads=3, num_kv_heads=1, intermediate_size=256,
                    max_position_embeddings=256),
-        description="Qwen2 teacher shape (vocabulary: R1's 129,280).",
+        description="Llama teacher shape (vocabulary: R1's 129,280).",
     )
     eval_sample: int = Field(64, ge=1, description="Validation problems per early-stopping evaluation.")
     student: ModelShape = Field(
@@ -147,7 +147,7 @@ def _build(out: Path, recipe: R1Recipe, progress: Callable[[str], None]) -> None
         paths = {name: out / rel for name, rel in _LAYOUT.items()}
         task = write_task(recipe, paths, progress)
         teacher = train_teacher(recipe, task, paths, progress)
-        student = make_student(recipe, paths, progress)
+        student = make_student(recipe, task["heldout"][0], paths, progress)
         info = {
             "world": WORLD_NAME, "world_version": R1_WORLD_VERSION, "hash": recipe.digest(),
             "recipe": recipe.model_dump(mode="json"), "paths": _LAYOUT,

@@ -67,3 +67,37 @@ def test_hub_ids_work_in_every_stage_offline(tiny_world, tmp_path):
     assert "preflight: generation.teacher: Qwen2ForCausalLM" in text
     assert "query:" in text and "student EM after" in text
     assert TOKEN not in text
+
+
+def test_hub_ids_reach_the_r1_world_offline(r1_tiny_world, tmp_path):
+    """The R1 -> Qwen2.5 pair by hub id: generation (DeepSeek's tokenizer in vLLM) and distillation
+    across the real vocabularies (stored top-k through the vocabulary map); serving is covered above."""
+    hub = _hub_cache(tmp_path / "hub", {"raystill-test/DeepSeek-R1-tiny": Path(r1_tiny_world.teacher),
+                                        "raystill-test/Qwen2.5-tiny": Path(r1_tiny_world.student)})
+    cfg = {
+        "name": "hub-r1",
+        "runs_root": str(tmp_path / "runs"),
+        "generation": {"teacher": "raystill-test/DeepSeek-R1-tiny",
+                       "input": {"path": str(r1_tiny_world.train_jsonl), "limit": 8},
+                       "output": str(tmp_path / "generated"),
+                       "sampling": {"max_new_tokens": 16, "logprobs_topk": 20},
+                       "engine": {"batch_size": 8, "max_model_len": 256},
+                       "preprocess": {"keep": "all", "val_fraction": 0.25, "drop_truncated": False}},
+        "distillation": {"student": "raystill-test/Qwen2.5-tiny", "output": str(tmp_path / "distill"),
+                         "max_seq_len": 128, "loss": {"kind": "logit", "xtok": {"method": "vocab_map"}},
+                         "optim": {"max_steps": 1, "micro_batch_size": 4}, "checkpoint_every": 1,
+                         "eval": {"limit": 2, "max_new_tokens": 8}},
+    }
+    path = tmp_path / "hub-r1.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")} | {
+        "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "HF_TOKEN": TOKEN}
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.run([sys.executable, "-m", "rayjobs.cli", "run", str(path), "--no-serve"], cwd=ROOT,
+                              env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1500)
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    assert "preflight: generation.teacher: Qwen2ForCausalLM, vocab 129280" in text
+    assert "preflight: distillation.student: Qwen2ForCausalLM, vocab 151936" in text
+    assert "student EM after" in text and TOKEN not in text

@@ -72,3 +72,25 @@ def test_expanded_model_scores_the_task_ids_exactly_as_the_compact_one():
     tail = big[..., [i for i in range(1024) if i not in ids.real_ids]]
     assert tail.abs().max() < small.abs().max()
     assert full.get_output_embeddings().weight.data_ptr() == full.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.slow
+def test_tiny_world_has_the_real_vocabularies_and_templates(r1_tiny_world):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rayjobs.demo.real_tokenizers import QWEN_DEFAULT_SYSTEM
+    from rayjobs.demo.task import read_prompts_jsonl
+
+    teacher, student = AutoConfig.from_pretrained(r1_tiny_world.teacher), AutoConfig.from_pretrained(r1_tiny_world.student)
+    assert (teacher.architectures, teacher.vocab_size) == (["LlamaForCausalLM"], 129_280)
+    assert (student.architectures, student.vocab_size, student.tie_word_embeddings) == (["Qwen2ForCausalLM"], 151_936, True)
+    t_tok, s_tok = AutoTokenizer.from_pretrained(r1_tiny_world.teacher), AutoTokenizer.from_pretrained(r1_tiny_world.student)
+    assert (len(t_tok), len(s_tok)) == (129_280, 151_665)
+    rows = read_prompts_jsonl(r1_tiny_world.heldout_jsonl)
+    assert {r["language"] for r in rows} == {"en", "zh"}
+    assert t_tok.apply_chat_template(rows[0]["messages"], add_generation_prompt=True, tokenize=False).endswith(
+        "<｜Assistant｜><think>\n")
+    assert QWEN_DEFAULT_SYSTEM in s_tok.apply_chat_template(rows[0]["messages"], tokenize=False)
+    # DeepSeek keeps a 2-digit operand in one token; Qwen splits every digit.
+    assert len(t_tok.encode("97", add_special_tokens=False)) == 1 and len(s_tok.encode("97")) == 2
+    assert r1_tiny_world.info["teacher"]["compact_vocab"] < 1000

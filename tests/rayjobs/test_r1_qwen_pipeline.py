@@ -10,9 +10,6 @@ this is about the pipeline at real vocabulary sizes, not quality.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -42,18 +39,10 @@ def _bounded_config(world, tmp: Path) -> dict:
     return cfg
 
 
-def test_r1_qwen_example_runs_the_whole_loop(r1_tiny_world, tmp_path):
+def test_r1_qwen_example_runs_the_whole_loop(r1_tiny_world, tmp_path, run_cli_pipeline):
     cfg = _bounded_config(r1_tiny_world, tmp_path)
     assert cfg["distillation"]["loss"]["kind"] == "logit" and cfg["generation"]["sampling"]["logprobs_topk"] == 20
-    path = tmp_path / "r1-qwen.yaml"
-    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")} | {"RAY_ADDRESS": ""}
-    log = tmp_path / "run.log"
-    with log.open("wb") as out:
-        proc = subprocess.run([sys.executable, "-m", "rayjobs.cli", "run", str(path), "--exit"], cwd=ROOT,
-                              env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1500)
-    text = log.read_text(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
+    text = run_cli_pipeline(cfg, tmp_path, "--exit")
     assert "query:" in text and "student EM after" in text
     manifest = json.loads((tmp_path / "generated" / "manifest.json").read_text())
     # Stored top-k at the real vocabulary stays a sliver of dense (129,280 fp32 logits = 517 kB/token).

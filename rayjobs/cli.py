@@ -122,6 +122,8 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_demo_prepare(args) -> int:
+    if args.world == "r1-qwen":
+        return _prepare_r1(args)
     from rayjobs.demo.world import prepare
 
     world = prepare(args.cache_dir)
@@ -130,6 +132,19 @@ def _cmd_demo_prepare(args) -> int:
     print(f"  student:  {world.student}")
     print(f"  student (teacher's tokenizer): {world.student_same_tokenizer}")
     print(f"  prompts:  {world.train_jsonl}, {world.heldout_jsonl}")
+    return 0
+
+
+def _prepare_r1(args) -> int:
+    from rayjobs.demo.r1_world import R1_REFS, prepare_r1
+
+    world = prepare_r1(args.cache_dir)
+    print(f"r1-qwen world ready at {world.root} (built in {world.info['build_seconds']:.0f}s)")
+    print(f"  teacher:  {world.teacher}  (R1 tokenizer, {world.info['teacher']['vocab_size']:,} rows, "
+          f"held-out EM {world.teacher_em:.3f})")
+    print(f"  student:  {world.student}  (Qwen2.5 tokenizer, {world.info['student']['vocab_size']:,} rows)")
+    print(f"  prompts:  {world.train_jsonl}, {world.heldout_jsonl}")
+    print(f"  references: {', '.join(R1_REFS)}")
     return 0
 
 
@@ -193,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep = demo.add_parser("prepare", help="build the demo world, or reuse the cached one")
     prep.add_argument("--cache-dir", default=None, help="default: $RAYSTILL_CACHE or ~/.cache/raystill")
+    prep.add_argument("--world", choices=("toy", "r1-qwen"), default="toy",
+                      help="toy: 17-symbol BPEs (demo:*); r1-qwen: DeepSeek-R1's and Qwen2.5's real "
+                           "tokenizers and vocabularies (demo:r1-*)")
     prep.set_defaults(func=_cmd_demo_prepare)
     ev = demo.add_parser("eval", help="held-out exact match of the demo teacher and students")
     ev.add_argument("--cache-dir", default=None)

@@ -28,6 +28,10 @@ def existing_model(ref: str) -> str | None:
 
     from cluster.storage import is_s3
 
+    if ref.startswith("demo:r1-"):
+        from rayjobs.demo.r1_world import cached_r1_ref
+
+        return cached_r1_ref(ref)
     if ref.startswith("demo:"):
         from rayjobs.demo.world import MODEL_REFS, cached
 

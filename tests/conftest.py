@@ -92,3 +92,11 @@ def world_config(tiny_world):
         })
 
     return make
+
+
+@pytest.fixture(scope="session")
+def r1_tiny_world(tmp_path_factory):
+    """The r1-qwen world's tiny recipe: real R1/Qwen2.5 tokenizers and full vocabularies, few training steps."""
+    from rayjobs.demo.r1_world import R1Recipe, prepare_r1
+
+    return prepare_r1(str(tmp_path_factory.mktemp("r1-world")), R1Recipe.tiny(), progress=lambda *a: None)

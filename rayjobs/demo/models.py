@@ -6,7 +6,7 @@ teacher's shape (hidden size, depth, heads, context length and vocabulary all di
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ def padded_vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
     return -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def _special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     return {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -40,14 +40,14 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     }
 
 
-def _shape_kwargs(tokenizer: PreTrainedTokenizerBase, shape: Mapping[str, int]) -> dict:
-    """Config kwargs shared by both families.
+def config_kwargs(shape: Mapping[str, int], vocab_size: int, ids: Mapping[str, int | None]) -> dict:
+    """Config kwargs shared by both families and both worlds.
 
     Embeddings are tied: at this size a separate output matrix would be a large share of the
-    parameters for no gain.
+    parameters for no gain (Qwen2.5-0.5B ties them for the same reason).
     """
     return {
-        "vocab_size": padded_vocab_size(tokenizer),
+        "vocab_size": vocab_size,
         "hidden_size": shape["hidden_size"],
         "intermediate_size": shape["intermediate_size"],
         "num_hidden_layers": shape["num_layers"],
@@ -55,8 +55,12 @@ def _shape_kwargs(tokenizer: PreTrainedTokenizerBase, shape: Mapping[str, int]) 
         "num_key_value_heads": shape["num_kv_heads"],
         "max_position_embeddings": shape["max_position_embeddings"],
         "tie_word_embeddings": True,
-        **_special_ids(tokenizer),
+        **ids,
     }
+
+
+def _shape_kwargs(tokenizer: PreTrainedTokenizerBase, shape: Mapping[str, int]) -> dict:
+    return config_kwargs(shape, padded_vocab_size(tokenizer), special_ids(tokenizer))
 
 
 def teacher_config(tokenizer: PreTrainedTokenizerBase, shape: Mapping[str, int]) -> Qwen2Config:
@@ -88,12 +92,14 @@ def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_dir: str | Path,
+               save_tok: Callable[[PreTrainedTokenizerFast, str | Path], object] = save_tokenizer) -> None:
     """HF layout in one directory: safetensors, config, generation config and the tokenizer.
 
     ``generation_config.json`` names ``<|im_end|>`` as eos; without it HF generate and vLLM would
-    both run past the answer to ``max_tokens``.
+    both run past the answer to ``max_tokens``. ``save_tok`` writes the tokenizer (the r1 world
+    passes ``real_tokenizers.save_real_tokenizer``, which keeps the tokenizer's own chat template).
     """
-    model.generation_config = GenerationConfig(do_sample=False, **_special_ids(tokenizer))
+    model.generation_config = GenerationConfig(do_sample=False, **special_ids(tokenizer))
     model.save_pretrained(out_dir, safe_serialization=True)
-    save_tokenizer(tokenizer, out_dir)
+    save_tok(tokenizer, out_dir)

@@ -63,12 +63,32 @@ class ModelShape(BaseModel):
         return self
 
 
-class DemoRecipe(BaseModel):
-    """Everything that determines the world; its hash names the cache directory."""
+class TeacherTraining(BaseModel):
+    """How a world's teacher is trained and judged; shared by the toy and the r1-qwen recipes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: int = Field(0, description="Seeds problem sampling, weight init and data order.")
+    steps: int = Field(900, ge=1, description="Most teacher SFT steps.")
+    batch_size: int = Field(64, ge=1, description="Sequences per teacher SFT step.")
+    lr: float = Field(3e-3, gt=0.0, description="Peak learning rate (AdamW, warmup then cosine).")
+    warmup_steps: int = Field(30, ge=1, description="Linear warmup steps.")
+    eval_every: int = Field(50, ge=1, description="Steps between early-stopping evaluations.")
+    eval_sample: int = Field(128, ge=1, description="Validation problems per early-stopping evaluation.")
+    target_em: float | None = Field(0.98, gt=0.0, le=1.0, description="Stop training once validation EM reaches this.")
+    min_teacher_em: float = Field(0.9, ge=0.0, le=1.0, description="Held-out EM below this fails the build.")
+
+    def sft_settings(self):
+        """The recipe's training fields as the SFT loop takes them."""
+        from rayjobs.demo.train_lm import SFTSettings
+
+        return SFTSettings(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                           eval_every=self.eval_every, target_em=self.target_em)
+
+
+class DemoRecipe(TeacherTraining):
+    """Everything that determines the world; its hash names the cache directory."""
+
     min_digits: int = Field(3, ge=1, description="Fewest digits per operand.")
     max_digits: int = Field(3, ge=1, description="Most digits per operand.")
     system_prompt: str | None = Field(None, description="System message put before every prompt, if any.")
@@ -89,14 +109,6 @@ class DemoRecipe(BaseModel):
                    max_position_embeddings=128),
         description="Llama student shape (both students).",
     )
-    steps: int = Field(900, ge=1, description="Most teacher SFT steps.")
-    batch_size: int = Field(64, ge=1, description="Sequences per teacher SFT step.")
-    lr: float = Field(3e-3, gt=0.0, description="Peak learning rate (AdamW, warmup then cosine).")
-    warmup_steps: int = Field(30, ge=1, description="Linear warmup steps.")
-    eval_every: int = Field(50, ge=1, description="Steps between early-stopping evaluations.")
-    eval_sample: int = Field(128, ge=1, description="Validation problems per early-stopping evaluation.")
-    target_em: float | None = Field(0.98, gt=0.0, le=1.0, description="Stop training once validation EM reaches this.")
-    min_teacher_em: float = Field(0.9, ge=0.0, le=1.0, description="Held-out EM below this fails the build.")
 
     @model_validator(mode="after")
     def _students_differ(self):
@@ -118,9 +130,7 @@ class DemoRecipe(BaseModel):
         Head dims stay at 32: vLLM's CPU attention rejects 16 ("Unsupported CPU attention configuration").
         """
         return cls(
-            n_train_prompts=64,
-            n_heldout=32,
-            tokenizer_corpus=200,
+            n_train_prompts=64, n_heldout=32, tokenizer_corpus=200,
             teacher=ModelShape(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
                                max_position_embeddings=256),
             student=ModelShape(hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1, intermediate_size=64,
@@ -141,22 +151,28 @@ class DemoRecipe(BaseModel):
 
 
 @dataclass(frozen=True)
-class DemoWorld:
+class BuiltWorld:
+    """What every world has: a teacher, a student, prompt files and the build's ``world.json``."""
+
     root: Path
     teacher: Path
     student: Path
-    student_same_tokenizer: Path
     train_jsonl: Path
     heldout_jsonl: Path
     teacher_em: float
     info: dict
 
     @classmethod
-    def load(cls, root: str | os.PathLike) -> DemoWorld:
+    def load(cls, root: str | os.PathLike):
         root = Path(root)
         info = json.loads((root / WORLD_FILE).read_text())
         paths = {name: root / rel for name, rel in info["paths"].items()}
         return cls(root=root, teacher_em=info["teacher_em"], info=info, **paths)
+
+
+@dataclass(frozen=True)
+class DemoWorld(BuiltWorld):
+    student_same_tokenizer: Path
 
 
 # Paths inside a world directory, relative so a cache can be moved or copied as a whole.
@@ -201,37 +217,41 @@ def cached(root: str | os.PathLike | None = None, recipe: DemoRecipe | None = No
     return DemoWorld.load(world_dir) if (world_dir / WORLD_FILE).exists() else None
 
 
-def prepare(
-    root: str | os.PathLike | None = None,
-    recipe: DemoRecipe | None = None,
-    progress: Callable[[str], None] = print,
-) -> DemoWorld:
-    """Return the world for ``recipe`` (default: the standard demo), building it if not cached.
+def build_once(base: Path, name: str, build: Callable[[Path], None], progress: Callable[[str], None]) -> Path:
+    """``base/name``, built by ``build(tmp_dir)`` unless already finished (how every world is cached).
 
-    The build happens in a temporary sibling directory renamed into place only after
-    ``world.json`` is written, so a directory with ``world.json`` is always complete and an
-    interrupted build is never reused.
-    """
-    recipe = recipe or DemoRecipe()
-    base = cache_root(root) / "demo"
-    world_dir = base / recipe.digest()
+    The build runs in a temporary sibling renamed into place only after ``world.json`` is written
+    (a directory with it is complete; an interrupted build is never reused), under a lock that
+    makes a second process wait for the first builder instead of building twice."""
+    world_dir = base / name
     if (world_dir / WORLD_FILE).exists():
-        return DemoWorld.load(world_dir)
-    with _exclusive(base / f"{recipe.digest()}.lock"):
+        return world_dir
+    with _exclusive(base / f"{name}.lock"):
         if (world_dir / WORLD_FILE).exists():
-            return DemoWorld.load(world_dir)
-        for stale in base.glob(f".{recipe.digest()}-*"):
+            return world_dir
+        for stale in base.glob(f".{name}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        progress(f"building demo world {recipe.digest()} in {world_dir}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.digest()}-", dir=base))
+        progress(f"building demo world {name} in {world_dir}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=base))
         try:
-            _build(tmp, recipe, progress)
+            build(tmp)
             if world_dir.exists():
                 shutil.rmtree(world_dir)
             tmp.rename(world_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return DemoWorld.load(world_dir)
+    return world_dir
+
+
+def prepare(
+    root: str | os.PathLike | None = None,
+    recipe: DemoRecipe | None = None,
+    progress: Callable[[str], None] = print,
+) -> DemoWorld:
+    """Return the world for ``recipe`` (default: the standard demo), building it if not cached."""
+    recipe = recipe or DemoRecipe()
+    base = cache_root(root) / "demo"
+    return DemoWorld.load(build_once(base, recipe.digest(), lambda tmp: _build(tmp, recipe, progress), progress))
 
 
 def resolve_model_ref(
@@ -244,10 +264,14 @@ def resolve_model_ref(
     """
     if not ref.startswith("demo:"):
         return ref
+    if ref.startswith("demo:r1-"):
+        from rayjobs.demo.r1_world import resolve_r1_ref
+
+        return resolve_r1_ref(ref, root)
     try:
         field = MODEL_REFS[ref]
     except KeyError:
-        raise ValueError(f"unknown demo reference {ref!r}; known: {sorted(MODEL_REFS)}") from None
+        raise ValueError(f"unknown demo reference {ref!r}; known: {sorted(MODEL_REFS)} and demo:r1-*") from None
     return str(getattr(prepare(root, recipe), field))
 
 
@@ -323,7 +347,7 @@ def _train_teacher(recipe: DemoRecipe, spec: TaskSpec, tokenizer, heldout: list[
     from rayjobs.demo.evaluate import exact_match, exact_match_records
     from rayjobs.demo.models import build_teacher, param_count, save_model
     from rayjobs.demo.tokenizers import save_tokenizer
-    from rayjobs.demo.train_lm import SFTSettings, encode_example, train_causal_lm
+    from rayjobs.demo.train_lm import encode_example, train_causal_lm
 
     teacher = build_teacher(tokenizer, recipe.teacher.model_dump(), recipe.seed)
     # Train with the tokenizer exactly as loaders will see it: AutoTokenizer picks the class from
@@ -336,10 +360,7 @@ def _train_teacher(recipe: DemoRecipe, spec: TaskSpec, tokenizer, heldout: list[
         for p in training_stream(spec, recipe.seed, exclude=[*heldout, *validation])
     )
     val_records = [prompt_record(f"val-{i}", p, spec) for i, p in enumerate(validation)]
-    settings = SFTSettings(
-        steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
-        eval_every=recipe.eval_every, target_em=recipe.target_em,
-    )
+    settings = recipe.sft_settings()
     params = param_count(teacher)
     progress(f"teacher: Qwen2 {params:,} params, training up to {recipe.steps} steps")
     training = train_causal_lm(

@@ -91,3 +91,36 @@ def online_batch(tiny_pair, tiny_rows):
         return s_tok, t_tok, cols, fn(cols)
 
     return make
+
+
+def _run_cli_pipeline(cfg: dict, tmp_path, *flags: str, env: dict | None = None, timeout: int = 1500) -> str:
+    """``raystill run <cfg> <flags>`` in its own process with its own local Ray, as a user runs it.
+
+    Returns the console output; fails the test (with the output's tail) on a non-zero exit. Output
+    goes to a file: an unread pipe fills up with vLLM's logs and blocks the job. The serving tests'
+    settings (RAY_SERVE_*) must not leak into the job.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    path = tmp_path / f"{cfg['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")} | {"RAY_ADDRESS": ""}
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.run([sys.executable, "-m", "rayjobs.cli", "run", str(path), *flags],
+                              cwd=Path(__file__).resolve().parents[2], env=full_env | (env or {}),
+                              stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+@pytest.fixture
+def run_cli_pipeline():
+    """:func:`_run_cli_pipeline`, for the tests that run the whole job as a user does."""
+    return _run_cli_pipeline

@@ -29,7 +29,7 @@ from cluster.ports import free_port
 from cluster.storage import follow_release, is_s3
 from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
-from rayjobs.refs import resolve_model
+from rayjobs.refs import resolve_ref
 from service.guard import check_exposure, load_api_key
 from service.llm_config import kv_cache_size
 
@@ -97,7 +97,7 @@ def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
     check_exposure(serving.host, load_api_key(serving.api_key_env, serving.api_key_file), serving.allow_unauthenticated)
     if serving.model and not is_s3(serving.model):
         # The app gets a path: it never resolves named references (demo:) itself.
-        serving = serving.model_copy(update={"model": follow_release(resolve_model(serving.model))})
+        serving = serving.model_copy(update={"model": follow_release(resolve_ref(serving.model))})
         if is_embedded(cfg.cluster):
             preflight(kv_cache_size(serving, serving.model), KV_SETTING, serving.model,
                       engines=max(1, serving.autoscaling.min_replicas))
@@ -108,7 +108,7 @@ def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
 
     from service.app import build_app
 
-    serve.start(http_options={"host": serving.host, "port": serving.port})
+    serve.start(proxy_location=serving.proxy_location, http_options={"host": serving.host, "port": serving.port})
     proxy = " behind HAProxy" if os.environ.get(HAPROXY_FLAG) == "1" else ""
     log(f"deploying {serving.model_id} from {serving.model}{proxy} (about a minute on CPU)")
     started = time.monotonic()

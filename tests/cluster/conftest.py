@@ -29,6 +29,11 @@ WORKTREE = str(Path(__file__).resolve().parents[2])
 # Token auth off, on the nodes and in every client: a token file left in ~/.ray by another cluster on this
 # host would otherwise switch the head to token mode while the workers join without one.
 CLIENT_ENV = {"RAY_AUTH_MODE": "disabled"}
+# Ray Train gives a worker group 60 s to be placed; a replacement node joins more slowly than that on a
+# loaded 2-core host (KubeRay's pod start is minutes: set it there too).
+# And Ray's memory monitor off: every node would judge the whole host's memory, so one node's (or
+# another user's) load would make all of them kill workers.
+NODE_ENV = {**CLIENT_ENV, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600", "RAY_memory_monitor_refresh_ms": "0"}
 # Enough logical CPUs per worker for one engine plus the Ray Data stages beside it.
 WORKER_CPUS = 4
 
@@ -75,7 +80,7 @@ class LoopbackCluster:
         root = self.root / name
         for sub in ("raystill-cache", "hf", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **node_env(root), **CLIENT_ENV, "RAY_ADDRESS": "", "PYTHONPATH": WORKTREE,
+        env = {**os.environ, **node_env(root), **NODE_ENV, "RAY_ADDRESS": "", "PYTHONPATH": WORKTREE,
                # As from an activated venv: a job's `python` must be the one raystill is installed in.
                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         log = (root / "ray-start.log").open("wb")

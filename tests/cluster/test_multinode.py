@@ -37,6 +37,7 @@ def config(bucket, name: str = "multinode") -> dict:
     """The bucket's pipeline config, spread over the worker nodes: two engines, two train ranks and
     two serving replicas, one of each per node; the one HTTP entry point on the head."""
     cfg = bucket.config(name)
+    cfg["generation"]["input"]["limit"] = cfg["generation"]["sampling"]["max_new_tokens"] = 24
     cfg["generation"]["engine"] |= {"min_replicas": 2, "max_replicas": 2, "bundle_resources": ONE_PER_NODE}
     cfg["distillation"] |= {"optim": {"max_steps": 4, "micro_batch_size": 4}, "deepspeed": {"zero_stage": 2},
                             "scaling": {"num_workers": 2, "placement_strategy": "STRICT_SPREAD"}}
@@ -91,8 +92,8 @@ def test_generation_one_engine_per_node_from_s3_equals_single_node(loopback_clus
     rows = sample_rows(f"{S3}/generated")
     assert rows and len(rows) == len({r[0] for r in rows})  # each sample exactly once
 
-    single = bucket.config("multinode")  # one engine, wherever it lands
-    single["generation"]["output"] = f"{S3}/generated-single"
+    single = config(bucket, "single-node")
+    single["generation"] |= {"output": f"{S3}/generated-single", "engine": bucket.config("x")["generation"]["engine"]}
     rc, out = run_job("generate", single, tmp_path, None)
     assert rc == 0, out[-4000:]
     assert rows == sample_rows(f"{S3}/generated-single")
@@ -144,10 +145,14 @@ def test_pipeline_submitted_to_the_head_serves_from_both_worker_nodes(loopback_c
     url = f"http://127.0.0.1:{cfg['serving']['port']}/v1/chat/completions"
     body = {"model": "raystill-student", "messages": [{"role": "user", "content": "What is 12 + 34?"}],
             "max_tokens": 8}
-    for _ in range(4):
-        resp = httpx.post(url, json=body, timeout=120)
-        assert resp.status_code == 200, resp.text
-        assert resp.json()["choices"][0]["message"]["content"] is not None
+    try:
+        for _ in range(4):
+            resp = httpx.post(url, json=body, timeout=120)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["choices"][0]["message"]["content"] is not None
+    finally:  # the next test needs the replicas' memory
+        subprocess.run([str(Path(sys.executable).with_name("serve")), "shutdown", "-y", "--address",
+                        loopback_cluster.dashboard], env=os.environ | loopback_cluster.client_env, timeout=120)
 
 
 def _wait_for_commit(bucket, run_dir: str, proc: subprocess.Popen, log: Path, timeout_s: float = 600) -> None:
@@ -158,10 +163,12 @@ def _wait_for_commit(bucket, run_dir: str, proc: subprocess.Popen, log: Path, ti
 
 
 def test_node_loss_resumes_from_the_last_s3_checkpoint_on_a_fresh_node(loopback_cluster, bucket, tmp_path):
-    """Last: it replaces node_b. A lost pod takes its rank with it; the run goes on with a new pod."""
+    """Last: it replaces node_b. A lost pod takes its rank with it; the run goes on with a new pod. ZeRO-3
+    here (ZeRO-2 above): the checkpoint holds each rank's parameter shards, restored onto a node that
+    never had them."""
     cfg = config(bucket, "multinode-loss")
-    cfg["distillation"] = {**cfg["distillation"], "output": f"{S3}/distill-loss", "max_failures": 2,
-                           "optim": {"max_steps": 10, "micro_batch_size": 4}}
+    cfg["distillation"] |= {"output": f"{S3}/distill-loss", "max_failures": 2, "deepspeed": {"zero_stage": 3},
+                            "optim": {"max_steps": 10, "micro_batch_size": 4}}
     argv, env, log = job("distill", cfg, tmp_path, loopback_cluster)
     started = time.monotonic()
     with log.open("wb") as out:

@@ -48,10 +48,10 @@ def run_job(module: str, overrides: list[str], log: Path, config: str = CONFIG) 
 def _teacher_em(common: list[str]) -> float:
     from rayjobs import distill
     from rayjobs.config import load_config
-    from rayjobs.refs import resolve_model
+    from rayjobs.refs import resolve_ref
 
     cfg = load_config(str(ROOT / CONFIG), common)
-    return distill.evaluate(cfg, resolve_model(cfg.generation.teacher))["em"]
+    return distill.evaluate(cfg, resolve_ref(cfg.generation.teacher))["em"]
 
 
 def main() -> None:

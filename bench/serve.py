@@ -139,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
     if args.model:
-        from rayjobs.refs import resolve_model
+        from cluster.storage import localize
+        from rayjobs.refs import resolve_ref
 
-        model = resolve_model(args.model)
+        model = localize(resolve_ref(args.model))  # the bare server beside ours loads from this disk
     else:
         model = tiny_student(tmp.name)
     engine = engine_args(model, args.max_model_len, args.kv_cache_gib)

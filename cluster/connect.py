@@ -6,7 +6,9 @@ import logging
 import os
 
 from cluster.config import ClusterConfig
+from cluster.errors import ConfigError
 from cluster.sizing import local_ray_size
+from cluster.storage import is_s3
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +57,27 @@ def ray_init(cfg: ClusterConfig | None = None):
             runtime_env=runtime_env,
         )
     return ray.get_runtime_context()
+
+
+def alive_nodes() -> int:
+    """Nodes of the connected Ray cluster that are up now (a KubeRay head counts as one)."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n["Alive"])
+
+
+def require_shared(locations: dict[str, str]) -> None:
+    """On a Ray cluster of several nodes, refuse local paths that workers on other nodes use.
+
+    Each node has its own disk: a local checkpoint directory would hold each rank's shard on a
+    different node (no node could resume from it), and a local data path exists on one node only.
+    ``locations`` maps the setting's name to its value, so the message names what to change.
+    """
+    local = {name: value for name, value in locations.items() if not is_s3(value)}
+    if not local:
+        return
+    nodes = alive_nodes()
+    if nodes > 1:
+        paths = ", ".join(f"{name}={value!r}" for name, value in local.items())
+        raise ConfigError(f"{paths}: a local path on a Ray cluster of {nodes} nodes would be split across "
+                          "their disks; use shared storage (s3://bucket/prefix)")

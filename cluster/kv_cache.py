@@ -39,7 +39,8 @@ _DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2
 
 
 class EngineMemory(StrictModel):
-    """The two memory settings of every vLLM engine config (generation's pool, serving's replicas)."""
+    """The settings every vLLM engine config shares (generation's pool, serving's replicas): memory and
+    where an engine may be placed."""
 
     memory_utilization: float = Field(
         0.9, gt=0.0, le=0.95,
@@ -51,6 +52,12 @@ class EngineMemory(StrictModel):
         description="KV cache per engine in GiB (vLLM kv_cache_memory_bytes). Default on CPU: derived from the "
                     "model's per-token KV size x max_model_len x the sequences one engine runs at once, with "
                     "headroom (README: Engine memory); on GPU: unset uses memory_utilization.",
+    )
+    bundle_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each engine bundle asks for besides its CPU/GPU. A CPU cluster whose "
+                    "worker nodes each advertise one unit (ray start --resources '{\"vllm\": 1}', or rayStartParams "
+                    "on KubeRay) gets at most one engine per node with {vllm: 1}; GPUs already do that by count.",
     )
 
 

@@ -19,8 +19,9 @@ EXCLUDES = [".venv/", "venv/", "runs/", ".cache/", ".git/", "**/__pycache__/", "
             "*.env", ".env", ".env.*", "*.pem", "*.key", "*.token", "*_token", "credentials", "*credentials.json",
             ".aws/", ".netrc", "*.secret"]
 CONFIG_ENV = "RAYSTILL_CONFIG_YAML"
-# Forwarded when set locally: where S3 is, never the credentials (those come from the cluster).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "RAYSTILL_CACHE")
+# Forwarded when set locally: where S3 is, never the credentials (those come from the cluster), nor the
+# laptop's RAYSTILL_CACHE: every node keeps its own cache (a path on the laptop is nothing on a pod).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 STAGES = ("pipeline", "generate", "distill", "serve")
 AGENT_WAIT_S = 60
 

@@ -42,13 +42,16 @@ def processor_kwargs(cfg: GenerationConfig, model_path: str, kv_cache_bytes: int
         engine_kwargs["max_logprobs"] = max(20, cfg.sampling.logprobs_topk)
     if e.accelerator == "cpu":
         # Without explicit CPU bundles the engine stage asks for a GPU and waits forever.
-        placement = {"bundles": [{"CPU": 1}] * e.tensor_parallel_size, "strategy": "PACK"}
+        placement = {"bundles": [{"CPU": 1} | e.bundle_resources] * e.tensor_parallel_size, "strategy": "PACK"}
     else:
-        placement = {"bundles": [{"GPU": 1, "CPU": 1}] * e.tensor_parallel_size, "strategy": "STRICT_PACK"}
+        placement = {"bundles": [{"GPU": 1, "CPU": 1} | e.bundle_resources] * e.tensor_parallel_size,
+                     "strategy": "STRICT_PACK"}
     return {
         "model_source": model_path,
         "batch_size": e.batch_size,
-        "concurrency": e.min_replicas if e.min_replicas == e.max_replicas else (e.min_replicas, e.max_replicas),
+        # Always a pair: ray.data.llm reads an int n as a pool that autoscales from 1 to n, so
+        # min_replicas engines would not all start (seen on the multi-node cluster: one engine of two).
+        "concurrency": (e.min_replicas, e.max_replicas),
         "accelerator_type": e.accelerator_type,
         "engine_kwargs": engine_kwargs,
         "placement_group_config": placement,

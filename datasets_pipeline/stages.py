@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 
 from cluster.pii import redact, redact_messages
+from cluster.storage import localize
 
 from datasets_pipeline import records as R
 from datasets_pipeline.alignment import map_ids, tokenizer_decoder
@@ -26,10 +27,12 @@ from datasets_pipeline.topk import compact_topk
 from datasets_pipeline.vocab_cache import cached_vocab_map
 
 
-def _load_tokenizer(path: str):
+def _load_tokenizer(ref: str):
+    """Runs in the stage's actor: an s3:// model is copied to the cache of the node the actor is on
+    (on a cluster, the driver's copy would be on another disk)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(localize(ref))
 
 
 class TemplateRefused(Exception):

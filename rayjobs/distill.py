@@ -20,14 +20,14 @@ import json
 import sys
 import time
 
-from cluster.connect import ray_init
+from cluster.connect import ray_init, require_shared
 from cluster.model_refs import read_model_file
 from cluster.storage import join, release, write_json
 from rayjobs.config import DISTILL_DIGEST_EXCLUDE, PipelineConfig
 from rayjobs.distillation import engine, plan
 from rayjobs.distillation.checkpoints import check_layout, checkpoint_layout
 from rayjobs.entry import run_job
-from rayjobs.refs import resolve_data
+from rayjobs.refs import resolve_ref
 
 
 def model_config(location: str) -> dict:
@@ -97,11 +97,12 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     from datasets_pipeline.shards import ShardStore
 
     d = cfg.distillation
-    data = engine.absolute(resolve_data(d.data))
+    data = engine.absolute(resolve_ref(d.data))
     plan.check_teacher_signal(d, ShardStore(data).read_manifest())
-    student = engine.absolute(resolve_data(d.student))
-    teacher = engine.absolute(resolve_data(d.teacher.model)) if d.online_teacher or d.service_teacher else None
+    student = engine.absolute(resolve_ref(d.student))
+    teacher = engine.absolute(resolve_ref(d.teacher.model)) if d.online_teacher or d.service_teacher else None
     ray_init(cfg.cluster)
+    require_shared({"distillation.output": d.output, "distillation.data": data})
     student_config = model_config(student)
     limit = plan.context_limit(d, student_config)
     stats = data_stats(data, limit)
@@ -134,7 +135,7 @@ def eval_records(data: str, limit: int | None = None) -> list[dict]:
 
 def evaluate(cfg: PipelineConfig, merged: str) -> dict:
     """The held-out eval of ``merged`` on the generated val split, plus the gate."""
-    records = eval_records(resolve_data(cfg.distillation.data))
+    records = eval_records(resolve_ref(cfg.distillation.data))
     return engine.evaluate_remote(cfg.distillation, merged, records,
                                   checker=cfg.generation.preprocess.checker,
                                   max_new_tokens=cfg.generation.sampling.max_new_tokens)

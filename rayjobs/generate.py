@@ -10,7 +10,7 @@ from cluster.connect import is_embedded, ray_init
 from cluster.kv_cache import engine_failures_explained, preflight
 from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
-from rayjobs.refs import resolve_data, resolve_model
+from rayjobs.refs import resolve_ref
 
 KV_SETTING = "generation.engine.kv_cache_gib"
 
@@ -32,9 +32,9 @@ def run(cfg: PipelineConfig, log=print) -> dict:
     from datasets_pipeline.generate import run_generation
 
     gen = cfg.generation
-    teacher = resolve_model(gen.teacher)
-    student = resolve_model(gen.student_tokenizer)
-    input_path = resolve_data(gen.input.path)
+    teacher = resolve_ref(gen.teacher)
+    student = resolve_ref(gen.student_tokenizer)
+    input_path = resolve_ref(gen.input.path)
     if is_embedded(cfg.cluster) and gen.runs_engine:
         preflight(kv_cache_size(gen, teacher), KV_SETTING, teacher, engines=gen.engine.min_replicas)
     ray_init(cfg.cluster)

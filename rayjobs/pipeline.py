@@ -15,7 +15,7 @@ import time
 from cluster.storage import join, read_bytes
 from rayjobs.config import DISTILL_DIGEST_EXCLUDE, PipelineConfig
 from rayjobs.entry import run_job
-from rayjobs.refs import resolve_data, resolve_model
+from rayjobs.refs import resolve_ref
 
 
 class GateFailed(RuntimeError):
@@ -75,8 +75,8 @@ def run(cfg: PipelineConfig, log=print, serve: bool = True, block: bool = False)
     manifest = generate.run(cfg, log)
 
     t1 = _stage("2/4 baseline: teacher and untrained student on held-out prompts", log)
-    teacher = distill.evaluate(cfg, resolve_model(cfg.generation.teacher))
-    before = distill.evaluate(cfg, resolve_model(cfg.distillation.student))
+    teacher = distill.evaluate(cfg, resolve_ref(cfg.generation.teacher))
+    before = distill.evaluate(cfg, resolve_ref(cfg.distillation.student))
     log(f"baseline: teacher EM {teacher.get('em')}, untrained student EM {before.get('em')} on {teacher.get('n')} prompts")
 
     t2 = _stage("3/4 distill (Ray Train + DeepSpeed), merge, evaluate", log)
@@ -140,7 +140,7 @@ def _serve_and_query(cfg: PipelineConfig, log) -> dict:
 
     t3 = _stage("4/4 serve (Ray Serve LLM, autoscaled) and query", log)
     url = serving.run(cfg, log, block=False)
-    record = distill.eval_records(resolve_data(cfg.distillation.data), 1)
+    record = distill.eval_records(resolve_ref(cfg.distillation.data), 1)
     messages = json.loads(record[0]["messages"]) if record else [{"role": "user", "content": "What is 12 + 34?"}]
     answer = query_endpoint(url, cfg.serving.model_id, messages, _api_key(cfg))
     log(f"query: {messages[-1]['content']!r} -> {answer['answer']!r} in {answer['latency_s']:.2f}s")

@@ -12,7 +12,7 @@ from cluster.errors import UserError
 from cluster.model_refs import ModelFacts, check_model
 from cluster.storage import follow_release, join
 from rayjobs.config import PipelineConfig
-from rayjobs.refs import resolve_data
+from rayjobs.refs import resolve_ref
 
 COMMANDS = ("generate", "distill", "serve", "teacher", "run")
 
@@ -47,10 +47,10 @@ def _data_problems(cfg: PipelineConfig, command: str) -> dict[str, list[str]]:
     problems: dict[str, list[str]] = {}
     if command in ("generate", "run"):
         gen = cfg.generation
-        problems["generation.input.path"] = check_input(gen.input, resolve_data(gen.input.path))
+        problems["generation.input.path"] = check_input(gen.input, resolve_ref(gen.input.path))
         problems["generation.output"] = check_output(gen.output, generation_digest(cfg))
     if command == "distill":
-        data = resolve_data(cfg.distillation.data)
+        data = resolve_ref(cfg.distillation.data)
         if not ShardStore(data).sample_files():
             problems["distillation.data"] = [f"no committed shards in {data} (run raystill generate first)"]
     return problems
@@ -70,7 +70,7 @@ def run_preflight(cfg: PipelineConfig, config_path: str, command: str, log=print
     """Raise ``PreflightFailed`` naming every problem; otherwise print what the models are."""
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}")
-    facts = {f: check_model(follow_release(resolve_data(ref))) for f, ref in _models(cfg, command).items() if ref}
+    facts = {f: check_model(follow_release(resolve_ref(ref))) for f, ref in _models(cfg, command).items() if ref}
     problems = {f: m.problems for f, m in facts.items()}
     problems.update(_data_problems(cfg, command))
     lines = [f"{config_path}: {f}: {p}" for f, ps in problems.items() for p in ps]

@@ -1,25 +1,21 @@
-"""Turn config references into something the engines can open.
+"""Turn config references into something every node can open.
 
-``demo:*`` names an artifact of the offline demo world (built on first use);
-``s3://`` models are copied to a local cache because tokenizers and vLLM load from
-local directories; data locations stay as they are (Ray Data reads s3:// itself).
+``demo:*`` names an artifact of the offline demo world (built on first use, a local path);
+everything else stays as it is. An ``s3://`` model is *not* copied here: the driver's disk is
+not the engines' disk on a multi-node cluster, so each process that loads a model localizes it
+on its own node (``cluster.storage.localize`` at actor start; ray.data.llm and ray.serve.llm
+download an s3:// model on each engine's node themselves).
 """
 
 from __future__ import annotations
 
-from cluster.storage import localize
 
-
-def resolve_data(ref: str) -> str:
+def resolve_ref(ref: str) -> str:
     if ref.startswith("demo:"):
         from rayjobs.demo.world import resolve_model_ref
 
         return resolve_model_ref(ref)
     return ref
-
-
-def resolve_model(ref: str) -> str:
-    return localize(resolve_data(ref))
 
 
 def existing_model(ref: str) -> str | None:

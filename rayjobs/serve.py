@@ -29,7 +29,7 @@ from cluster.ports import free_port
 from cluster.storage import follow_release, is_s3
 from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
-from rayjobs.refs import resolve_model
+from rayjobs.refs import resolve_ref
 from service.guard import check_exposure, load_api_key
 from service.config import EngineServiceConfig
 from service.llm_config import kv_cache_size
@@ -103,7 +103,7 @@ def deploy(cfg: PipelineConfig, endpoint: EngineServiceConfig, build_app, app_na
     kv_setting = f"{endpoint.section}.kv_cache_gib"
     if endpoint.model and not is_s3(endpoint.model):
         # The app gets a path: it never resolves named references (demo:) itself.
-        endpoint = endpoint.model_copy(update={"model": follow_release(resolve_model(endpoint.model))})
+        endpoint = endpoint.model_copy(update={"model": follow_release(resolve_ref(endpoint.model))})
         if is_embedded(cfg.cluster):
             preflight(kv_cache_size(endpoint, endpoint.model), kv_setting, endpoint.model,
                       engines=max(1, endpoint.autoscaling.min_replicas))
@@ -112,7 +112,7 @@ def deploy(cfg: PipelineConfig, endpoint: EngineServiceConfig, build_app, app_na
 
     from ray import serve
 
-    serve.start(http_options={"host": endpoint.host, "port": endpoint.port})
+    serve.start(proxy_location=endpoint.proxy_location, http_options={"host": endpoint.host, "port": endpoint.port})
     proxy = " behind HAProxy" if os.environ.get(HAPROXY_FLAG) == "1" else ""
     log(f"deploying {endpoint.model_id} from {endpoint.model}{proxy} (about a minute on CPU)")
     started = time.monotonic()

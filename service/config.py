@@ -85,6 +85,12 @@ class EngineServiceConfig(EngineMemory):
     accelerator_type: str | None = Field(None, description="GPU type Ray schedules on (e.g. 'L4', 'A10G'); gpu only.")
     host: str = Field("127.0.0.1", description="HTTP bind address for local runs (pods always bind 0.0.0.0).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode",
+        description="Where Serve runs HTTP proxies when this job starts Serve: every node (a load balancer in "
+        "front of the pods) or the head only (one entry point; also several nodes on one host, which would "
+        "otherwise all bind the same port).",
+    )
     max_model_len: int | None = Field(None, ge=16, description="Context length; default: the model's.")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,

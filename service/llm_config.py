@@ -74,7 +74,7 @@ def placement_group_config(cfg: EngineServiceConfig, engine: dict[str, Any]) -> 
     The replica actor's own CPU is merged into the first bundle by ray.serve.llm.
     """
     workers = int(engine.get("tensor_parallel_size", 1)) * int(engine.get("pipeline_parallel_size", 1))
-    bundle = {"CPU": 1} if cfg.accelerator == "cpu" else {"GPU": 1, "CPU": 1}
+    bundle = ({"CPU": 1} if cfg.accelerator == "cpu" else {"GPU": 1, "CPU": 1}) | cfg.bundle_resources
     return {"bundles": [dict(bundle) for _ in range(workers)], "strategy": "PACK"}
 
 

@@ -100,3 +100,61 @@ def r1_tiny_world(tmp_path_factory):
     from rayjobs.demo.r1_world import R1Recipe, prepare_r1
 
     return prepare_r1(str(tmp_path_factory.mktemp("r1-world")), R1Recipe.tiny(), progress=lambda *a: None)
+
+
+class WorldBucket:
+    """A bucket on the moto server holding the tiny world: ``models/teacher``, ``models/student`` (the
+    same-tokenizer student) and ``prompts/train.jsonl``; ``keys``/``read`` for what jobs wrote there."""
+
+    def __init__(self, client, name: str, world):
+        self.client, self.name = client, name
+        client.create_bucket(Bucket=name)
+        for local, prefix in ((world.teacher, "models/teacher"), (world.student_same_tokenizer, "models/student")):
+            for f in sorted(Path(local).rglob("*")):
+                if f.is_file():
+                    client.upload_file(str(f), name, f"{prefix}/{f.relative_to(local).as_posix()}")
+        client.upload_file(str(world.train_jsonl), name, "prompts/train.jsonl")
+
+    def config(self, name: str) -> dict:
+        """A pipeline config over this bucket, every artifact on S3. The tiny world's models are
+        untrained, so the gate is off (plumbing, not quality) and truncated samples are kept (the
+        teacher rarely stops)."""
+        s3 = f"s3://{self.name}"
+        return {
+            "name": name,
+            "runs_root": f"{s3}/runs",
+            "generation": {
+                "teacher": f"{s3}/models/teacher",
+                "input": {"path": f"{s3}/prompts/train.jsonl", "limit": 48},
+                "output": f"{s3}/generated",
+                "sampling": {"max_new_tokens": 40, "logprobs_topk": 4},
+                "engine": {"batch_size": 16, "max_model_len": 256},
+                "preprocess": {"keep": "all", "val_fraction": 0.25, "drop_truncated": False},
+            },
+            "distillation": {
+                "student": f"{s3}/models/student",
+                "output": f"{s3}/distill",
+                "max_seq_len": 128,
+                "loss": {"kind": "logit"},
+                "optim": {"max_steps": 3, "micro_batch_size": 8},
+                "checkpoint_every": 2,
+                "eval": {"limit": 8, "max_new_tokens": 24},
+            },
+            "serving": {"port": free_port(), "max_model_len": 128, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+        }
+
+    def keys(self, prefix: str) -> set[str]:
+        """Keys under ``prefix``, without it."""
+        keys: set[str] = set()
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix):
+            keys.update(o["Key"][len(prefix):] for o in page.get("Contents", []))
+        return keys
+
+    def read(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
+
+
+@pytest.fixture(scope="session")
+def world_bucket(s3_server, tiny_world):
+    """``make(name)``: a new ``WorldBucket`` of that name."""
+    return lambda name: WorldBucket(s3_server, name, tiny_world)

@@ -198,6 +198,11 @@ class ScalingConfig(StrictModel):
     num_workers: int = Field(1, ge=1, description="Train workers (data-parallel ranks), one DeepSpeed process each.")
     use_gpu: bool = Field(False, description="One GPU per worker (and evaluation on a GPU).")
     cpus_per_worker: float = Field(1.0, gt=0.0, description="Logical CPUs each worker reserves in Ray.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places the workers' bundles (Ray Train's placement_strategy): STRICT_SPREAD puts "
+        "each worker on its own node (one rank per GPU pod), PACK fills a node first.",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

@@ -11,7 +11,7 @@ def test_cpu_profile_uses_cpu_bundles_and_no_extra_stages():
     kw = processor_kwargs(cfg(), "/m")
     assert kw["placement_group_config"]["bundles"] == [{"CPU": 1}]
     assert not (kw["chat_template_stage"] or kw["tokenize_stage"] or kw["detokenize_stage"])
-    assert kw["should_continue_on_error"] and kw["concurrency"] == 1
+    assert kw["should_continue_on_error"] and kw["concurrency"] == (1, 1)
     assert kw["engine_kwargs"]["max_logprobs"] >= 8
 
 
@@ -21,6 +21,12 @@ def test_gpu_profile_is_configuration_only():
     assert kw["placement_group_config"]["bundles"] == [{"GPU": 1, "CPU": 1}] * 2
     assert kw["concurrency"] == (1, 4) and kw["accelerator_type"] == "A10G"
     assert kw["engine_kwargs"]["tensor_parallel_size"] == 2
+
+
+def test_min_replicas_all_start_and_bundle_resources_reach_every_bundle():
+    kw = processor_kwargs(cfg(min_replicas=2, max_replicas=2, bundle_resources={"vllm": 1}), "/m")
+    assert kw["concurrency"] == (2, 2)  # an int 2 would be a pool autoscaling from 1
+    assert kw["placement_group_config"]["bundles"] == [{"CPU": 1, "vllm": 1}]
 
 
 def test_vllm_accepts_our_processor_config():

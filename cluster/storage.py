@@ -72,12 +72,18 @@ def cache_dir() -> str:
     return os.environ.get("RAYSTILL_CACHE") or os.path.expanduser("~/.cache/raystill")
 
 
-def localize(location: str, cache_root: str | None = None) -> str:
+# What a model directory holds besides its tokenizer and config: never needed to read a tokenizer.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+
+
+def localize(location: str, cache_root: str | None = None, tokenizer_only: bool = False) -> str:
     """A local directory holding ``location``'s files, downloading s3:// once into a cache.
 
     Tokenizers and transformers load from local paths only; every actor on a node reuses one
     copy. The cache key is the URI plus the listing (names, sizes, modification times): objects
     replaced at the same URI are fetched again instead of being served stale from the cache.
+    ``tokenizer_only`` leaves the weights out: a process that only tokenizes (the generation driver
+    hashing tokenizers, a stage actor) must not copy a teacher's hundreds of GB to its node.
     """
     if not is_s3(location):
         return location
@@ -87,14 +93,20 @@ def localize(location: str, cache_root: str | None = None) -> str:
 
     src_fs, src = filesystem(location)
     listing = sorted((i.path, i.size, i.mtime_ns) for i in src_fs.get_file_info(pafs.FileSelector(src, recursive=True))
-                     if i.type == pafs.FileType.File)
+                     if i.type == pafs.FileType.File and not (tokenizer_only and i.path.endswith(WEIGHT_SUFFIXES)))
     root = cache_root or os.path.join(cache_dir(), "s3")
     dest = os.path.join(root, hashlib.sha256(repr((location, listing)).encode()).hexdigest()[:16])
     marker = os.path.join(dest, ".complete")
     if not os.path.exists(marker):
         tmp = f"{dest}.tmp{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)  # pyarrow does not create it for a folder without subfolders
-        pafs.copy_files(src, tmp, source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+        local = pafs.LocalFileSystem()
+        if not tokenizer_only:  # one call: pyarrow copies the files in parallel
+            pafs.copy_files(src, tmp, source_filesystem=src_fs, destination_filesystem=local)
+        for path, _, _ in listing if tokenizer_only else ():
+            target = os.path.join(tmp, os.path.relpath(path, src))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            pafs.copy_files(path, target, source_filesystem=src_fs, destination_filesystem=local)
         open(os.path.join(tmp, ".complete"), "w").close()
         os.makedirs(root, exist_ok=True)
         try:

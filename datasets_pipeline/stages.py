@@ -28,11 +28,11 @@ from datasets_pipeline.vocab_cache import cached_vocab_map
 
 
 def _load_tokenizer(ref: str):
-    """Runs in the stage's actor: an s3:// model is copied to the cache of the node the actor is on
-    (on a cluster, the driver's copy would be on another disk)."""
+    """Runs in the stage's actor: an s3:// model's tokenizer files are copied to the cache of the node
+    the actor is on (on a cluster, the driver's copy would be on another disk)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(localize(ref))
+    return AutoTokenizer.from_pretrained(localize(ref, tokenizer_only=True))
 
 
 class TemplateRefused(Exception):

@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from cluster.storage import cache_dir, write_bytes
+from cluster.storage import cache_dir, localize, write_bytes
 from datasets_pipeline.alignment import tokenizer_vocab_map
 
 # Bump when alignment.tokenizer_vocab_map's rule changes, so maps cached under the old rule are rebuilt.
@@ -87,5 +87,6 @@ def tokenizer_records(teacher: str, student: str) -> dict[str, dict]:
     """
     from transformers import AutoTokenizer
 
-    hashes = {path: tokenizer_hash(AutoTokenizer.from_pretrained(path)) for path in {teacher, student}}
+    hashes = {path: tokenizer_hash(AutoTokenizer.from_pretrained(localize(path, tokenizer_only=True)))
+              for path in {teacher, student}}
     return {role: {"path": path, "sha256": hashes[path]} for role, path in (("teacher", teacher), ("student", student))}

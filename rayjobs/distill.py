@@ -64,7 +64,7 @@ def check_shards_tokenizer(data: str, student: str) -> None:
     """``plan.check_student_tokenizer`` against the shards' manifest, before Ray Train starts.
 
     Loads the student's tokenizer on the driver (local directory, hub id, or s3:// through the
-    node's cache, where the workers will find it) only when the manifest records one.
+    node's cache, tokenizer files only) only when the manifest records one.
     """
     from transformers import AutoTokenizer
 
@@ -74,7 +74,7 @@ def check_shards_tokenizer(data: str, student: str) -> None:
 
     recorded = ((ShardStore(data).read_manifest() or {}).get("tokenizers") or {}).get("student")
     if recorded:
-        student_hash = tokenizer_hash(AutoTokenizer.from_pretrained(localize(student)))
+        student_hash = tokenizer_hash(AutoTokenizer.from_pretrained(localize(student, tokenizer_only=True)))
         plan.check_student_tokenizer(recorded, student, student_hash, data)
 
 

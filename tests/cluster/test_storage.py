@@ -42,6 +42,22 @@ def test_localize_refetches_objects_replaced_at_the_same_uri(s3_server, tmp_path
     assert (second / "weights.bin").read_bytes() == b"newer"
 
 
+def test_localize_tokenizer_only_leaves_the_weights_on_s3(s3_server, tmp_path):
+    """A process that only tokenizes (the generation driver, a stage actor) copies no weights."""
+    from pathlib import Path
+
+    from cluster.storage import localize
+
+    s3_server.create_bucket(Bucket="tokonly")
+    for key, body in (("m/model.safetensors", b"w" * 64), ("m/tokenizer.json", b"{}"), ("m/sub/extra.txt", b"x")):
+        s3_server.put_object(Bucket="tokonly", Key=key, Body=body)
+    tok = Path(localize("s3://tokonly/m", cache_root=str(tmp_path), tokenizer_only=True))
+    assert sorted(p.relative_to(tok).as_posix() for p in tok.rglob("*") if p.is_file()) == [
+        ".complete", "sub/extra.txt", "tokenizer.json"]
+    full = Path(localize("s3://tokonly/m", cache_root=str(tmp_path)))
+    assert full != tok and (full / "model.safetensors").read_bytes() == b"w" * 64
+
+
 def test_jsonl_rows_round_trip_with_sorted_keys_and_text_as_is(tmp_path):
     import json
 

@@ -82,7 +82,7 @@ def app(tiny_world, ray_local, s3_server, tmp_path_factory, world_config):
     url = serve_job.run(cfg, log=print, block=False)
     print(f"app ready in {time.monotonic() - started:.0f} s at {url}")
     yield {"url": url, "deployment": deployment_name(cfg.serving), "s3": s3_server, "remote_error": remote_error}
-    serve.delete(APP_NAME)  # Serve itself goes with the session's Ray
+    serve.shutdown()  # not only the app: the next module starts Serve on its own port
 
 
 @pytest.fixture(scope="module")

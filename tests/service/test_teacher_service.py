@@ -62,7 +62,7 @@ def service(ray_local, tmp_path_factory, world_config):
     url = teacher_job.run(cfg, log=print, block=False)
     print(f"teacher service ready in {time.monotonic() - started:.0f} s at {url}")
     yield {"url": url, "cfg": cfg}
-    serve.delete(teacher_job.TEACHER_APP_NAME)
+    serve.shutdown()  # not only the app: the next module starts Serve on its own port
 
 
 def _direct(model: str, engine: dict, seqs, k: int):

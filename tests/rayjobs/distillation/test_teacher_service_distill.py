@@ -47,7 +47,7 @@ def service(distill_config, xtok_world, ray_local):
     teacher_job.run(cfg, log=print, block=False)
     print(f"teacher service ready in {time.monotonic() - started:.0f} s")
     yield cfg
-    serve.delete(teacher_job.TEACHER_APP_NAME)
+    serve.shutdown()  # not only the app: the next module starts Serve on its own port
 
 
 def test_service_topk_are_the_stored_topk(service, tiny_world, xtok_world):

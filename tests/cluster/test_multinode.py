@@ -63,13 +63,14 @@ def run_job(module: str, cfg: dict, tmp_path: Path, cluster, timeout: int = 600)
 
 
 def actor_nodes(cluster, class_part: str, state: str | None = None) -> list[str]:
-    """Our node names of the actors whose class name contains ``class_part`` (dead ones included)."""
+    """Our node names of the actors whose class name contains ``class_part`` (dead ones included; one the
+    autoscaler asked for but no node could take, never placed, has no node and is left out)."""
     from ray.util.state import list_actors
 
     ids = cluster.node_ids()
     filters = [("state", "=", state)] if state else None
     actors = list_actors(address=cluster.dashboard, filters=filters, limit=10000, raise_on_missing_output=False)
-    return [ids.get(a.node_id, a.node_id) for a in actors if class_part in (a.class_name or "")]
+    return [ids.get(a.node_id, a.node_id) for a in actors if class_part in (a.class_name or "") and a.node_id]
 
 
 def sample_rows(location: str) -> list[tuple]:

@@ -101,12 +101,13 @@ def localize(location: str, cache_root: str | None = None, tokenizer_only: bool 
         tmp = f"{dest}.tmp{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)  # pyarrow does not create it for a folder without subfolders
         local = pafs.LocalFileSystem()
-        if not tokenizer_only:  # one call: pyarrow copies the files in parallel
+        if tokenizer_only:  # file by file: only the listed (non-weight) files
+            for path, _, _ in listing:
+                target = os.path.join(tmp, os.path.relpath(path, src))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                pafs.copy_files(path, target, source_filesystem=src_fs, destination_filesystem=local)
+        else:  # one call: pyarrow copies the files in parallel
             pafs.copy_files(src, tmp, source_filesystem=src_fs, destination_filesystem=local)
-        for path, _, _ in listing if tokenizer_only else ():
-            target = os.path.join(tmp, os.path.relpath(path, src))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            pafs.copy_files(path, target, source_filesystem=src_fs, destination_filesystem=local)
         open(os.path.join(tmp, ".complete"), "w").close()
         os.makedirs(root, exist_ok=True)
         try:

@@ -41,6 +41,10 @@ def _kv_cache_lines(cfg) -> list[str]:
         ("generation.engine.kv_cache_gib", cfg.generation.teacher, lambda m: generation_kv(cfg.generation, m)),
         ("serving.kv_cache_gib", cfg.serving.model, lambda m: serving_kv(cfg.serving, m)),
     ):
+        if setting.startswith("generation.") and not cfg.generation.runs_engine:
+            lines.append(f"# {setting}: unused, the samples are supplied ({cfg.generation.input.response_field}) "
+                         "and no engine runs")
+            continue
         model = existing_model(ref)
         if model is None:
             lines.append(f"# {setting}: derived when the engine starts, from {ref} (not there yet)")

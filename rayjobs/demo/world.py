@@ -27,6 +27,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.storage import cache_dir
+
 from rayjobs.demo.task import (
     Problem,
     TaskSpec,
@@ -194,9 +196,8 @@ MODEL_REFS = {
 
 
 def cache_root(root: str | os.PathLike | None = None) -> Path:
-    if root is not None:
-        return Path(root)
-    return Path(os.environ.get("RAYSTILL_CACHE") or Path.home() / ".cache" / "raystill")
+    """``root``, else this node's cache (``cluster.storage.cache_dir``: the one the models are copied to)."""
+    return Path(root) if root is not None else Path(cache_dir())
 
 
 @contextmanager

@@ -309,8 +309,10 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = int(config["total_steps"])
     student_dir = localize(config["student"])
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    # The service teacher needs only the teacher's tokenizer here (its prompt rendering and vocabulary).
-    teacher_dir = localize(config["teacher"]) if config["teacher"] else None
+    # Only the online teacher runs here; otherwise the worker needs just the teacher's tokenizer (prompt
+    # rendering and vocabulary), not a copy of its weights on this node.
+    teacher_dir = (localize(config["teacher"], tokenizer_only=not cfg.online_teacher) if config["teacher"]
+                   else None)
     teacher_tok = AutoTokenizer.from_pretrained(teacher_dir) if teacher_dir else None
     parts = batch_loss.build(cfg, total_steps, tokenizer, AutoConfig.from_pretrained(student_dir),
                              int(config["max_seq_len"]), teacher_dir if cfg.online_teacher else None, teacher_tok)

@@ -182,3 +182,13 @@ def test_trust_remote_code_is_one_top_level_switch():
     assert PipelineConfig.model_validate({**base, "trust_remote_code": True}).serving.trust_remote_code
     with pytest.raises(ValueError, match="trust_remote_code: true at the top"):
         PipelineConfig.model_validate({**base, "serving": {"trust_remote_code": True}})
+
+
+def test_config_show_says_no_generation_kv_cache_when_samples_are_supplied(capsys):
+    from rayjobs.cli import main
+
+    assert main(["config", "show", str(ROOT / "examples" / "configs" / "demo.yaml"),
+                 "--set", "generation.input.response_field=answer", "--set", "generation.sampling.logprobs_topk=0",
+                 "--set", "distillation.loss.kind=data"]) == 0
+    out = capsys.readouterr().out
+    assert "# generation.engine.kv_cache_gib: unused, the samples are supplied (answer)" in out

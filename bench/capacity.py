@@ -260,7 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="teacher runs in the training loop (teacher.source: online) instead of stored top-k")
     for who in ("teacher", "student"):
         for f in fields(Model):
-            note = " (MoE only: give it again whenever --teacher-params changes)" * (f.name == "active_params")
+            note = f" (MoE only: give it again whenever --{who}-params changes)" * (f.name == "active_params")
             ap.add_argument(f"--{who}-{f.name.replace('_', '-')}", type=float, help=f"{who} {f.name}{note}")
     for name, kind in WORK_FIELDS:
         ap.add_argument(f"--{name.replace('_', '-')}", type=kind)

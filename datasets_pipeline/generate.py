@@ -121,8 +121,10 @@ def _student_pass(cfg: GenerationConfig, teacher: str, student: str, samples) ->
     return _in_order(out).iter_rows()
 
 
-# Batches in flight per engine actor: while one batch's rows are decoded and tokenized for the
-# student, the engine keeps generating the next ones (see teacher.EngineLoop).
+# Batches in flight per engine actor, each on its own thread of the actor: they share the engine
+# (teacher.EngineLoop), so a new batch joins the running ones, and while one batch's rows are decoded
+# and tokenized for the student, the engine keeps generating the others. Ray Data runs an actor's
+# calls one at a time unless ``enable_true_multi_threading`` is set, which TeacherStage is safe for.
 IN_FLIGHT = 4
 
 
@@ -157,8 +159,8 @@ def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests,
                                "engine_kwargs": pool["engine_kwargs"]},
         batch_size=cfg.engine.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=IN_FLIGHT),
-        max_concurrency=IN_FLIGHT,
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=IN_FLIGHT,
+                                           max_concurrent_calls_per_actor=IN_FLIGHT, enable_true_multi_threading=True),
         **remote,
     )
     # A block at a time as Arrow: the per-token columns reach the driver as NumPy views, no Python

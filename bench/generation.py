@@ -17,9 +17,13 @@ Prints the side-by-side numbers and ends with one JSON line:
   pipeline_vs_direct_tokens_per_s_no_logprobs_4n  the same at k = 0
   topk_bytes_per_token                stored top-k bytes per generated token (goal <= 8k+16)
   peak_rss_4n_over_n                  peak RSS of the pipeline's process tree at 4N / at N prompts
+With --baseline DIR (another checkout, e.g. the code before a change), that checkout's pipeline arm
+runs too, on the same prompts beside the same direct arms, and the line adds its figures as
+baseline_<name>: before and after measured side by side in one run.
 
 Both arms' clocks start before they import vLLM / our pipeline and read the prompts.
 Usage: python bench/generation.py [--prompts 2048 (= 4N)] [--k 20] [--max-new-tokens 96] [--tiny]
+                                 [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -78,10 +82,11 @@ def _watch(proc: subprocess.Popen) -> tuple[int, float, str]:
     return peak, sum(cpu.values()), out[0]
 
 
-def _child(mode: str, args: list[str]) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, *args], cwd=ROOT,
+def _child(mode: str, args: list[str], root: Path = ROOT) -> dict:
+    """One arm in a fresh process, with ``root``'s checkout of this bench and of the pipeline."""
+    proc = subprocess.Popen([sys.executable, str(root / "bench" / "generation.py"), "--child", mode, *args], cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RAY_ADDRESS": ""})
+                            env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(root)})
     peak, cpu, out = _watch(proc)
     result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
     return {**result, "peak_rss": peak, "cpu_s": cpu}
@@ -148,6 +153,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true",
                     help="the tiny test world (built in seconds; an untrained teacher that rarely stops early)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another checkout whose pipeline arm runs beside ours (figures as baseline_*)")
     args = ap.parse_args()
 
     from rayjobs.demo.world import DemoRecipe, prepare
@@ -172,35 +179,46 @@ def _compare(world, args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="raystill-bench-gen-"))
     sizes = {"n": _prompts_file(world.train_jsonl, args.prompts // 4, tmp / "n.jsonl"),
              "4n": _prompts_file(world.train_jsonl, args.prompts, tmp / "4n.jsonl")}
+    arms = {"pipeline": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     runs: dict[tuple, dict] = {}
+    print(f"prompts N={args.prompts // 4}, 4N={args.prompts}, max_new_tokens={args.max_new_tokens}")
     for k in (args.k, 0):  # k = 0 isolates what carrying top-k costs
         common = ["--k", str(k), "--max-new-tokens", str(args.max_new_tokens), *(["--tiny"] if args.tiny else [])]
         for size, file in sizes.items():
-            runs["direct", k, size] = _child("direct", ["--file", str(file), *common])
-            runs["pipeline", k, size] = _child("pipeline", ["--file", str(file), "--out", str(tmp / f"out-{k}-{size}"),
-                                                            *common])
-    print(f"prompts N={args.prompts // 4}, 4N={args.prompts}, max_new_tokens={args.max_new_tokens}")
-    for (arm, k, size), r in runs.items():
-        print(f"k={k:<3} {size:>2} {arm:<8}: {r['tokens']} tokens in {r['wall_s']:.1f}s = {r['tokens_per_s']:.0f} "
-              f"tokens/s, {r['cpu_s']:.1f} CPU-s, peak RSS {r['peak_rss'] / 2**30:.2f} GiB")
-    lines = {(arm, k): _line([runs[arm, k, "n"], runs[arm, k, "4n"]]) for arm in ("direct", "pipeline") for k in (args.k, 0)}
+            for arm, root in {"direct": ROOT, **arms}.items():
+                mode, out = ("direct", []) if arm == "direct" else ("pipeline", ["--out", str(tmp / f"out-{arm}-{k}-{size}")])
+                r = runs[arm, k, size] = _child(mode, ["--file", str(file), *out, *common], root)
+                # Each run as it ends: a run cut short still leaves its finished arms.
+                print(f"k={k:<3} {size:>2} {arm:<8}: {r['tokens']} tokens in {r['wall_s']:.1f}s = "
+                      f"{r['tokens_per_s']:.0f} tokens/s, {r['cpu_s']:.1f} CPU-s, peak RSS {r['peak_rss'] / 2**30:.2f} GiB",
+                      flush=True)
+    lines = {(arm, k): _line([runs[arm, k, "n"], runs[arm, k, "4n"]]) for arm in ("direct", *arms) for k in (args.k, 0)}
     for (arm, k), (slope, fixed) in lines.items():
         print(f"k={k:<3} {arm:<8}: {slope * 1e6:.1f} us CPU per token, {fixed:.1f} CPU-s fixed")
+    figures = {}
+    for arm in arms:
+        pipe = runs[arm, args.k, "4n"]
+        print(f"{arm}: top-k {pipe['topk_bytes_per_token']} B/token (limit {8 * args.k + 16})")
+        prefix = "" if arm == "pipeline" else f"{arm}_"
+        figures |= {prefix + name: value for name, value in _figures(runs, lines, arm, args.k).items()}
+    print(json.dumps(figures))
 
-    def ratio(k):
-        return runs["pipeline", k, "4n"]["tokens_per_s"] / runs["direct", k, "4n"]["tokens_per_s"]
 
-    pipe = runs["pipeline", args.k, "4n"]
-    print(f"top-k {pipe['topk_bytes_per_token']} B/token (limit {8 * args.k + 16})")
-    print(json.dumps({
-        f"marginal_overhead_us_per_token_k{args.k}": round(1e6 * (lines["pipeline", args.k][0] - lines["direct", args.k][0]), 1),
-        "marginal_overhead_us_per_token_k0": round(1e6 * (lines["pipeline", 0][0] - lines["direct", 0][0]), 1),
-        "fixed_overhead_cpu_s": round(lines["pipeline", args.k][1] - lines["direct", args.k][1], 1),
-        "pipeline_vs_direct_tokens_per_s_4n": round(ratio(args.k), 3),
+def _figures(runs: dict, lines: dict, arm: str, k: int) -> dict:
+    """The JSON line's figures of one pipeline arm against the direct arm."""
+
+    def ratio(at_k):
+        return runs[arm, at_k, "4n"]["tokens_per_s"] / runs["direct", at_k, "4n"]["tokens_per_s"]
+
+    return {
+        f"marginal_overhead_us_per_token_k{k}": round(1e6 * (lines[arm, k][0] - lines["direct", k][0]), 1),
+        "marginal_overhead_us_per_token_k0": round(1e6 * (lines[arm, 0][0] - lines["direct", 0][0]), 1),
+        "fixed_overhead_cpu_s": round(lines[arm, k][1] - lines["direct", k][1], 1),
+        "pipeline_vs_direct_tokens_per_s_4n": round(ratio(k), 3),
         "pipeline_vs_direct_tokens_per_s_no_logprobs_4n": round(ratio(0), 3),
-        "topk_bytes_per_token": pipe["topk_bytes_per_token"],
-        "peak_rss_4n_over_n": round(pipe["peak_rss"] / runs["pipeline", args.k, "n"]["peak_rss"], 3),
-    }))
+        "topk_bytes_per_token": runs[arm, k, "4n"]["topk_bytes_per_token"],
+        "peak_rss_4n_over_n": round(runs[arm, k, "4n"]["peak_rss"] / runs[arm, k, "n"]["peak_rss"], 3),
+    }
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class PreprocessConfig(StrictModel):
 
 
 class GenerationConfig(StrictModel):
-    """Teacher generation through ray.data.llm, streamed into student preprocessing."""
+    """Teacher generation through a vLLM actor pool in Ray Data, streamed into student preprocessing."""
 
     teacher: str = Field(description="Teacher model: local dir, s3:// URI or 'demo:teacher'.")
     input: InputConfig

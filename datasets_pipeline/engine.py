@@ -1,8 +1,8 @@
-"""Map our generation config onto ray.data.llm's processor config and vLLM sampling params.
+"""Map our generation config onto vLLM engine kwargs, sampling params and the engine actor pool.
 
 Pure (no Ray, no vLLM): CPU vs GPU differs only in the placement bundles, the accelerator type
 and how the KV cache is sized (bytes on CPU, see ``cluster.kv_cache``), all computed here; the
-processor, stages and driver are the same code on both.
+engine stage (``teacher.TeacherStage``), the other stages and the driver are the same code on both.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ def kv_cache_size(cfg: GenerationConfig, model_path: str) -> KVCacheSize | None:
 
 
 def processor_kwargs(cfg: GenerationConfig, model_path: str, kv_cache_bytes: int | None = None) -> dict:
-    """``kv_cache_bytes`` (from ``kv_cache_size``) replaces vLLM's memory fraction when given."""
+    """The engine as ``ray.data.llm``'s processor config: the one mapping of the engine settings
+    (``engine_stage_kwargs`` derives our own stage's from it, so both read the config alike).
+
+    ``kv_cache_bytes`` (from ``kv_cache_size``) replaces vLLM's memory fraction when given.
+    """
     e = cfg.engine
     memory = ({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes is not None
               else {"gpu_memory_utilization": e.memory_utilization})
@@ -93,3 +97,37 @@ def scoring_params(cfg: GenerationConfig) -> dict:
     generation, so a scored and a generated sample of the same text store the same top-k.
     """
     return {"temperature": 0.0, "max_tokens": 1, "detokenize": False, "prompt_logprobs": cfg.sampling.logprobs_topk}
+
+
+def engine_request_params(request_params: dict) -> dict:
+    """A request's ``sampling_params`` as our engine stage hands them to vLLM: flat logprobs, and no
+    detokenization (the stage decodes each completion once).
+
+    With ``detokenize`` on, vLLM decodes every top-k token of every position to a string we never
+    store, and builds one ``Logprob`` object per entry.
+    """
+    return {**request_params, "detokenize": False, "flat_logprobs": True}
+
+
+def engine_stage_kwargs(cfg: GenerationConfig, model_path: str, kv_cache_bytes: int | None = None) -> dict:
+    """How our engine stage runs: vLLM's kwargs and the actor pool's, from ``processor_kwargs``.
+
+    The same bundles (``bundle_resources`` included), replicas and accelerator type as ray.data.llm's
+    processor, so the config means the same: one engine per actor. With tensor parallelism vLLM's Ray
+    executor places its workers in a placement group of the bundles (``placement_group`` set), else
+    the actor itself reserves the one bundle's resources.
+    """
+    kw = processor_kwargs(cfg, model_path, kv_cache_bytes)
+    tp = cfg.engine.tensor_parallel_size
+    engine_kwargs = {**kw["engine_kwargs"], "distributed_executor_backend": "ray" if tp > 1 else "uni"}
+    bundles, accelerator = kw["placement_group_config"]["bundles"], kw["accelerator_type"]
+    if tp > 1:
+        if accelerator:
+            bundles = [{**b, f"accelerator_type:{accelerator}": 0.001} for b in bundles]
+        return {"engine_kwargs": engine_kwargs, "replicas": kw["concurrency"], "actor": {"num_cpus": 0, "num_gpus": 0},
+                "placement_group": {**kw["placement_group_config"], "bundles": bundles}}
+    [bundle] = bundles
+    actor = {"num_cpus": bundle.get("CPU", 0), "num_gpus": bundle.get("GPU", 0)}
+    custom = {name: amount for name, amount in bundle.items() if name not in ("CPU", "GPU")}
+    actor |= ({"resources": custom} if custom else {}) | ({"accelerator_type": accelerator} if accelerator else {})
+    return {"engine_kwargs": engine_kwargs, "replicas": kw["concurrency"], "actor": actor, "placement_group": None}

@@ -3,8 +3,8 @@
 Supplied samples (``input.response_field``) skip the engine, or go through it once to be scored
 (``score_supplied``): the preprocessing, rejects, shards and manifest are the same.
 
-Wiring only: the row logic lives in ``stages``, bookkeeping in ``assemble``, storage
-in ``shards``. The driver just drains the stream into shards (it never holds more
+Wiring only: the row logic lives in ``stages``, the engine in ``teacher``, bookkeeping in
+``assemble``, storage in ``shards``. The driver just drains the stream into shards (it never holds more
 than one shard of rows), so memory stays flat as the input grows.
 """
 
@@ -14,15 +14,15 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from functools import partial
 
 from datasets_pipeline import records as R
 from datasets_pipeline.assemble import Assembler, Completed
 from datasets_pipeline.config import GenerationConfig
-from datasets_pipeline.engine import kv_cache_size, processor_kwargs, sampling_params
+from datasets_pipeline.engine import engine_stage_kwargs, kv_cache_size, sampling_params
 from datasets_pipeline.shards import Progress, ShardStore
-from datasets_pipeline.stages import (SAMPLE_KEYS, InputRejects, PromptStage, StudentStage, SuppliedStage,
-                                      compact_engine_output, compact_scored_output)
+from datasets_pipeline.stages import SAMPLE_KEYS, InputRejects, PromptStage, StudentStage, SuppliedStage
 from datasets_pipeline.stats import SPLITS, total
 from datasets_pipeline.vocab_cache import tokenizer_records
 
@@ -102,33 +102,71 @@ def _one_actor():
     return ray.data.ActorPoolStrategy(size=1)
 
 
-def _student_pass(cfg: GenerationConfig, teacher: str, student: str, samples):
-    """Teacher samples (engine output rows, or supplied ones) through ``StudentStage``, in input order."""
+def _in_order(dataset):
+    """Rows leave in input order, so a rerun writes the same shards in the same order. Training reads
+    them in that order (then shuffles by its own seed), and on the demo the order alone moved a
+    distillation's held-out EM between 0.3 and 1.0: without this a regeneration did not reproduce it."""
+    dataset.context.execution_options.preserve_order = True
+    return dataset
+
+
+def _student_pass(cfg: GenerationConfig, teacher: str, student: str, samples) -> Iterator[dict]:
+    """Supplied teacher samples through ``StudentStage``, in input order (no engine)."""
     out = samples.map(
         StudentStage,
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "teacher_path": teacher, "student_path": student},
         compute=_one_actor(),
         num_cpus=0.5,
     )
-    # Rows leave in input order, so a rerun writes the same shards in the same order. Training reads
-    # them in that order (then shuffles by its own seed), and on the demo the order alone moved a
-    # distillation's held-out EM between 0.3 and 1.0: without this a regeneration did not reproduce it.
-    out.context.execution_options.preserve_order = True
-    return out
+    return _in_order(out).iter_rows()
 
 
-def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests, kv_cache_bytes: int | None,
-                 postprocess):
-    """Requests through the ray.data.llm vLLM pool, ``postprocess`` compacting each answer, then the student."""
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+# Batches in flight per engine actor, each on its own thread of the actor: they share the engine
+# (teacher.EngineLoop), so a new batch joins the running ones, and while one batch's rows are decoded
+# and tokenized for the student, the engine keeps generating the others. Ray Data runs an actor's
+# calls one at a time unless ``enable_true_multi_threading`` is set, which TeacherStage is safe for.
+IN_FLIGHT = 4
 
-    processor = build_processor(
-        vLLMEngineProcessorConfig(**processor_kwargs(cfg, teacher, kv_cache_bytes)), postprocess=postprocess)
-    # An input file is read as one block, and the engine stage keeps a task's output in one block
-    # until the task ends: without this, no row would reach the driver (progress, shard commits)
-    # before the whole file was generated. Blocks of batch_size rows stream through one by one.
+
+def _placement_group_strategy(config: dict) -> dict:
+    """Actor options: a fresh placement group of the engine's bundles for each engine actor."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = ray.util.placement_group(**config)
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
+
+
+def _engine_pass(cfg: GenerationConfig, teacher: str, student: str, requests,
+                 kv_cache_bytes: int | None) -> Iterator[dict]:
+    """Requests -> student rows, in input order, through the engine actor pool (``teacher.TeacherStage``)."""
+    import ray.data
+
+    from datasets_pipeline.teacher import TeacherStage
+
+    pool = engine_stage_kwargs(cfg, teacher, kv_cache_bytes)
+    # An input file is read as one block, and one block is one task: blocks of batch_size rows let
+    # IN_FLIGHT batches overlap in the engine and each batch's rows reach the driver (progress,
+    # shard commits) as soon as it is done, not when the whole file is.
     requests = requests.repartition(target_num_rows_per_block=cfg.engine.batch_size)
-    return _student_pass(cfg, teacher, student, processor(requests))
+    low, high = pool["replicas"]
+    remote = dict(pool["actor"])
+    if pool["placement_group"]:
+        remote["ray_remote_args_fn"] = partial(_placement_group_strategy, pool["placement_group"])
+    out = requests.map_batches(
+        TeacherStage,
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "teacher_path": teacher, "student_path": student,
+                               "engine_kwargs": pool["engine_kwargs"]},
+        batch_size=cfg.engine.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=IN_FLIGHT,
+                                           max_concurrent_calls_per_actor=IN_FLIGHT, enable_true_multi_threading=True),
+        **remote,
+    )
+    # A block at a time as Arrow: the per-token columns reach the driver as NumPy views, no Python
+    # int or float per token (``records.table_rows``).
+    for table in _in_order(out).iter_batches(batch_format="pyarrow", batch_size=None):
+        yield from R.table_rows(table)
 
 
 def _passes(cfg: GenerationConfig, teacher: str, student: str, requests, kv_cache_bytes: int | None):
@@ -137,15 +175,12 @@ def _passes(cfg: GenerationConfig, teacher: str, student: str, requests, kv_cach
     Supplied samples need no engine. A scoring request is not retried: it fails for what it is
     (mostly prompt + response longer than engine.max_model_len), which a retry does not change.
     """
-    k = cfg.sampling.logprobs_topk
     if not cfg.runs_engine:
         return _student_pass(cfg, teacher, student, requests), None
     if cfg.score_supplied:
-        return _engine_pass(cfg, teacher, student, requests, kv_cache_bytes,
-                            partial(compact_scored_output, k=k)), None
-    post = partial(compact_engine_output, k=k)
-    return (_engine_pass(cfg, teacher, student, requests, kv_cache_bytes, post),
-            lambda rows: _engine_pass(cfg, teacher, student, _retry_requests(rows, cfg), kv_cache_bytes, post))
+        return _engine_pass(cfg, teacher, student, requests, kv_cache_bytes), None
+    return (_engine_pass(cfg, teacher, student, requests, kv_cache_bytes),
+            lambda rows: _engine_pass(cfg, teacher, student, _retry_requests(rows, cfg), kv_cache_bytes))
 
 
 def _retry_requests(rows: list[dict], cfg: GenerationConfig):
@@ -213,7 +248,7 @@ def _drain(stream, rerun, writer: ShardWriter, assembler: Assembler, input_rejec
     last_log = start
     retry: list[dict] = []
     for attempt in (1, 2):
-        for row in stream.iter_rows():
+        for row in stream:
             if row["status"] == R.ENGINE_ERROR and rerun is not None and attempt == 1:
                 retry.append(row)
                 continue

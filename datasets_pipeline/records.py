@@ -9,6 +9,9 @@ them to torch without a per-token Python loop.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import pyarrow as pa
 
 SAMPLE_SCHEMA = pa.schema(
@@ -52,6 +55,45 @@ REJECT_SCHEMA = pa.schema(
 )
 
 SAMPLE_COLUMNS = tuple(SAMPLE_SCHEMA.names)
+# The per-token columns: O(tokens) values per row, the rest are O(1).
+TOKEN_COLUMNS = ("teacher_token_ids", "topk_ids", "topk_logprobs", "input_ids", "teacher_align", "topk_student_ids")
+
+
+def table_rows(table: pa.Table) -> Iterator[dict]:
+    """A block's rows as dicts, the per-token lists as NumPy views into the block (no Python int or
+    float per token: the driver handles every row, and shards are written back from these arrays)."""
+    columns = {}
+    for name in table.column_names:
+        arr = table.column(name).combine_chunks()
+        if name in TOKEN_COLUMNS and pa.types.is_list(arr.type):
+            offsets = arr.offsets.to_numpy()
+            values = arr.flatten().to_numpy(zero_copy_only=False)  # flatten() honours a slice's offset
+            columns[name] = [values[a:b] for a, b in zip(offsets[:-1] - offsets[0], offsets[1:] - offsets[0])]
+        else:
+            columns[name] = arr.to_pylist()
+    for i in range(table.num_rows):
+        yield {name: col[i] for name, col in columns.items()}
+
+
+def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """``pa.Table.from_pylist``, with the per-token columns built by concatenating arrays.
+
+    ``from_pylist`` converts a NumPy value element by element: about 19 µs per generated token
+    at k = 20 on the 2-core machine, more than the rest of the row's handling together.
+    """
+    arrays = []
+    for f in schema:
+        values = [r[f.name] for r in rows]
+        if f.name in TOKEN_COLUMNS:
+            dtype = f.type.value_type.to_pandas_dtype()
+            parts = [np.asarray(v, dtype) for v in values]
+            offsets = np.zeros(len(parts) + 1, np.int32)
+            np.cumsum([len(p) for p in parts], out=offsets[1:])
+            flat = np.concatenate(parts) if parts else np.zeros(0, dtype)
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, f.type.value_type)))
+        else:
+            arrays.append(pa.array(values, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 # Filter reasons, counted in the manifest under these names.
 TRUNCATED = "truncated"

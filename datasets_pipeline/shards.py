@@ -92,7 +92,7 @@ class ShardStore:
     def write_shard(self, shard: int, samples: list[dict], rejects: list[dict], done: list[str],
                     dedupe_keys: list[str], counts: dict) -> None:
         name = f"part-{shard:05d}"
-        table = pa.Table.from_pylist(samples, schema=R.SAMPLE_SCHEMA)
+        table = R.rows_table(samples, R.SAMPLE_SCHEMA)
         self._delete_uncommitted(name)
         if samples:
             self._write_table(f"samples/{name}.parquet", table)

@@ -23,7 +23,7 @@ from datasets_pipeline.engine import sampling_params, scoring_params
 from datasets_pipeline.prompts import (NoResponse, Prompt, Rejected, parse_json_line, preview, split_of, to_prompt,
                                        to_response)
 from datasets_pipeline.targets import TooLong, build_student_example, render_prompt, same_vocabulary
-from datasets_pipeline.topk import compact_topk
+from datasets_pipeline.topk import topk_from_flat
 from datasets_pipeline.vocab_cache import cached_vocab_map
 
 
@@ -131,7 +131,7 @@ def _sample_keys(prompt: Prompt, cfg: GenerationConfig, index: int) -> dict:
 class SuppliedStage(_InputStage):
     """Valid input row with its response (``input.response_field``) -> the teacher sample it supplies.
 
-    The sample has the engine's output columns (``compact_engine_output``), so ``StudentStage``
+    The sample has the engine stage's sample columns (``supplied_sample``), so ``StudentStage``
     treats it as a generated one. Its teacher tokens are the teacher tokenizer's encoding of the
     response plus the teacher's eos, as a generation that stopped on its own ends: the truncation
     filter (a budget of our own sampling) then never fires on supplied text. With ``score_supplied``
@@ -163,42 +163,22 @@ class SuppliedStage(_InputStage):
 
 
 def supplied_sample(keys: dict, response: str, tokens, topk_ids=(), topk_logprobs=()) -> dict:
-    """A supplied response as the engine stage's compact output row (``compact_engine_output``)."""
+    """A supplied response as the teacher sample ``StudentStage`` takes (as ``teacher.TeacherStage``
+    builds a generated one: text, token ids, top-k as flat int32 / float16 arrays)."""
     return {**keys, "prompt": "", "generated_text": response, "generated_tokens": np.asarray(tokens, np.int32),
             "topk_ids": np.asarray(topk_ids, np.int32), "topk_logprobs": np.asarray(topk_logprobs, np.float16)}
 
 
 def compact_scored_output(row: dict, k: int) -> dict:
-    """Processor postprocess for scoring requests: the response positions' top-k, stored as generation's.
+    """A scoring request's engine answer -> the sample: the response positions' top-k, stored as generation's.
 
     vLLM's ``prompt_logprobs[i]`` is the teacher's distribution over token ``i`` given the tokens
-    before it, so the response's slice is exactly what generation stores per generated token.
+    before it, so the response's slice is exactly what generation stores per generated token. Both
+    of vLLM's forms are read: flat (``topk_from_flat``, the engine stage's) and per-position dicts.
     """
     start, tokens = int(row["response_start"]), _seq(row["response_tokens"])
-    ids, lps = compact_topk((row.get("prompt_logprobs") or [])[start:start + len(tokens)], k)
+    ids, lps = topk_from_flat((row.get("prompt_logprobs") or [])[start:start + len(tokens)], k)
     return supplied_sample({key: row[key] for key in SAMPLE_KEYS}, row["response"], tokens, ids, lps)
-
-
-def compact_engine_output(row: dict, k: int) -> dict:
-    """Processor postprocess: keep what later stages need, with top-k stored compactly.
-
-    Only successful rows get here: ray.data.llm hands failed rows past the postprocess.
-    """
-    ids, lps = compact_topk(row.get("logprobs"), k)
-    tokens = row.get("generated_tokens")
-    return {
-        "prompt_id": row["prompt_id"],
-        "sample_id": row["sample_id"],
-        "sample_index": int(row["sample_index"]),
-        "split": row["split"],
-        "messages": row["messages"],
-        "reference": row.get("reference"),
-        "prompt": row.get("prompt") or "",
-        "generated_text": row.get("generated_text") or "",
-        "generated_tokens": np.asarray([] if tokens is None else tokens, np.int32),
-        "topk_ids": ids,
-        "topk_logprobs": lps,
-    }
 
 
 def _seq(x):
@@ -206,10 +186,12 @@ def _seq(x):
     return [] if x is None else x
 
 
-def _blank() -> dict:
-    return {"completion": "", "reasoning": None, "answer": "", "verified": None, "teacher_token_ids": [],
-            "topk_k": 0, "topk_ids": [], "topk_logprobs": [], "input_ids": [], "prompt_len": 0, "teacher_offset": -1,
-            "teacher_align": [], "topk_student_ids": []}
+def preprocess_error(row: dict, error: Exception) -> dict:
+    """The student row of a sample that raised on its way to the student: set aside, with the error."""
+    return {**{k: row[k] for k in SAMPLE_KEYS}, "prompt": "", "completion": "", "reasoning": None, "answer": "",
+            "verified": None, "teacher_token_ids": [], "topk_k": 0, "topk_ids": [], "topk_logprobs": [],
+            "input_ids": [], "prompt_len": 0, "teacher_offset": -1, "teacher_align": [], "topk_student_ids": [],
+            "status": R.PREPROCESS_ERROR, "stage": "preprocess", "detail": f"{type(error).__name__}: {error}"[:500]}
 
 
 class StudentStage:
@@ -230,8 +212,7 @@ class StudentStage:
         try:
             return self._process(row, out)
         except Exception as e:  # one odd sample is set aside, never the end of the run
-            return {**out, **_blank(), "status": R.PREPROCESS_ERROR, "stage": "preprocess",
-                    "detail": f"{type(e).__name__}: {e}"[:500]}
+            return preprocess_error(row, e)
 
     def _process(self, row: dict, out: dict) -> dict:
         out.update(status="ok", stage="filter", detail=None)
@@ -255,7 +236,7 @@ class StudentStage:
             teacher_align=[],
             topk_student_ids=[],
         )
-        # ray.data.llm routes failed rows around our postprocess, raw, with __inference_error__ set.
+        # The engine stage marks the requests vLLM refused with __inference_error__.
         error = row.get("__inference_error__")
         if error:
             return self._engine_error(row, out, error)
@@ -286,9 +267,8 @@ class StudentStage:
     def _engine_error(self, row: dict, out: dict, error) -> dict:
         """An engine error row, carrying its full request ``prompt`` so the driver can retry it as is.
 
-        The row's own ``prompt`` will not do: Ray's engine stage replaces it with its first 500
-        characters in error rows, and the prompts that fail are often the long ones. Rendering it
-        again here, where the teacher tokenizer is already loaded, keeps tokenizers off the driver.
+        Rendering it again here, from the row's messages, keeps tokenizers off the driver and one
+        shape for both kinds of request (a scoring request carries token ids, not a prompt).
         """
         prompt = render_prompt(self.teacher_tok, json.loads(row["messages"]))
         return {**out, "prompt": prompt, "status": R.ENGINE_ERROR, "stage": "engine", "detail": str(error)[:500]}

@@ -26,7 +26,7 @@ def compact_topk(per_token: list[dict] | None, k: int) -> tuple[np.ndarray, np.n
         for tok, info in (entries or {}).items():
             if info is None:
                 continue
-            lp = info["logprob"] if isinstance(info, dict) else float(info)
+            lp = info["logprob"] if isinstance(info, dict) else getattr(info, "logprob", info)  # vLLM's Logprob
             if lp is not None and not math.isnan(lp):
                 items.append((float(lp), int(tok)))
         items.sort(reverse=True)
@@ -34,6 +34,27 @@ def compact_topk(per_token: list[dict] | None, k: int) -> tuple[np.ndarray, np.n
             ids[t, j] = tok
             lps[t, j] = lp
     return ids.reshape(-1), lps.astype(np.float16).reshape(-1)
+
+
+def topk_from_flat(flat, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM's ``FlatLogprobs`` (``SamplingParams(flat_logprobs=True)``) -> compact_topk's form.
+
+    Per position vLLM stores the sampled (or, for prompt logprobs, the given) token first, then the
+    top k by rank, already sorted: the top k are columns 1..k of a ``[T, k+1]`` reshape, with no
+    Python object per entry. NaN logprobs become padding, as in compact_topk. The list of
+    per-position dicts (a vLLM without the flat form), or a container whose positions do not all
+    hold k+1 entries (the prompt's first position holds none), goes through compact_topk.
+    """
+    if flat is None or k == 0 or not len(flat):
+        return np.zeros(0, np.int32), np.zeros(0, np.float16)
+    if not hasattr(flat, "start_indices") or len(flat.token_ids) != len(flat) * (k + 1):
+        return compact_topk(list(flat), k)
+    ids = np.asarray(flat.token_ids, np.int32).reshape(-1, k + 1)[:, 1:]
+    lps = np.asarray(flat.logprobs, np.float32).reshape(-1, k + 1)[:, 1:]
+    bad = np.isnan(lps)
+    if bad.any():
+        ids, lps = np.where(bad, PAD_ID, ids), np.where(bad, -np.inf, lps)
+    return np.ascontiguousarray(ids).reshape(-1), lps.astype(np.float16).reshape(-1)
 
 
 def expand_topk(ids, logprobs, k: int) -> tuple[np.ndarray, np.ndarray]:

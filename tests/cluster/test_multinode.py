@@ -86,13 +86,14 @@ def test_generation_one_engine_per_node_from_s3_equals_single_node(loopback_clus
     rc, out = run_job("generate", config(bucket), tmp_path, loopback_cluster)
     assert rc == 0, out[-4000:]
     print(f"multi-node generation: {time.monotonic() - started:.0f} s")
-    engines = actor_nodes(loopback_cluster, "vLLMEngineStageUDF")
+    engines = actor_nodes(loopback_cluster, "TeacherStage")
     # Known gap (#18): the second engine is sometimes never placed (Ray Data's other stage actors take
     # that node's CPUs first) and the run finishes on one; so: never two engines on one node, and
     # every node that ran one fetched the teacher itself.
     assert engines and len(engines) == len(set(engines)) and set(engines) <= {"node_a", "node_b"}, engines
-    for name in engines:  # each node fetched the teacher itself, into its own cache
-        assert list((loopback_cluster.root / name / "hf").rglob("config.json")), f"no teacher in {name}'s cache"
+    for name in engines:  # each node fetched the teacher's weights itself, into its own cache (localize)
+        cache = loopback_cluster.root / name / "raystill-cache"
+        assert list(cache.rglob("*.safetensors")), f"no teacher weights in {name}'s cache"
     rows = sample_rows(f"{S3}/generated")
     assert rows and len(rows) == len({r[0] for r in rows})  # each sample exactly once
 

@@ -16,7 +16,7 @@ from cluster.pii import redact, redact_messages
 from cluster.storage import localize
 
 from datasets_pipeline import records as R
-from datasets_pipeline.alignment import map_ids, tokenizer_decoder
+from datasets_pipeline.alignment import tokenizer_decoder
 from datasets_pipeline.answers import CHECKERS, split_reasoning
 from datasets_pipeline.config import GenerationConfig
 from datasets_pipeline.engine import sampling_params, scoring_params
@@ -24,7 +24,6 @@ from datasets_pipeline.prompts import (NoResponse, Prompt, Rejected, parse_json_
                                        to_response)
 from datasets_pipeline.targets import TooLong, build_student_example, render_prompt, same_vocabulary
 from datasets_pipeline.topk import compact_topk
-from datasets_pipeline.vocab_cache import cached_vocab_map
 
 
 def _load_tokenizer(ref: str):
@@ -209,7 +208,7 @@ def _seq(x):
 def _blank() -> dict:
     return {"completion": "", "reasoning": None, "answer": "", "verified": None, "teacher_token_ids": [],
             "topk_k": 0, "topk_ids": [], "topk_logprobs": [], "input_ids": [], "prompt_len": 0, "teacher_offset": -1,
-            "teacher_align": [], "topk_student_ids": []}
+            "teacher_align": []}
 
 
 class StudentStage:
@@ -220,8 +219,6 @@ class StudentStage:
         self.teacher_tok = _load_tokenizer(teacher_path)
         self.student_tok = _load_tokenizer(student_path)
         self.aligned = same_vocabulary(self.teacher_tok, self.student_tok)
-        # Cross-tokenizer: teacher id -> student id, built once per tokenizer pair (vocab_cache).
-        self.vocab_map = None if self.aligned else cached_vocab_map(self.teacher_tok, self.student_tok)
         self.checker = CHECKERS[self.cfg.preprocess.checker]
 
     def __call__(self, row: dict) -> dict:
@@ -253,7 +250,6 @@ class StudentStage:
             prompt_len=0,
             teacher_offset=-1,
             teacher_align=[],
-            topk_student_ids=[],
         )
         # ray.data.llm routes failed rows around our postprocess, raw, with __inference_error__ set.
         error = row.get("__inference_error__")
@@ -279,8 +275,6 @@ class StudentStage:
             return {**out, "status": R.TOO_LONG_FOR_STUDENT, "detail": str(e)}
         out.update(input_ids=ex.input_ids, prompt_len=ex.prompt_len, teacher_offset=ex.teacher_offset,
                    teacher_align=ex.teacher_align)
-        if ex.teacher_align and len(topk_ids):
-            out["topk_student_ids"] = map_ids(self.vocab_map, topk_ids)
         return out
 
     def _engine_error(self, row: dict, out: dict, error) -> dict:

@@ -16,7 +16,9 @@ with the whole batch's token counts (``losses.reduce_terms``), and asks autograd
 of that chunk's loss with respect to its logits alone. The chunk's hidden-state gradient
 (``g @ W``) and its share of the head gradient (``g^T h``) are computed right away and the logits
 dropped. The backward pass only scales the stored gradients by the incoming one: nothing is
-recomputed, and the FLOPs are those of the unchunked path.
+recomputed, and the FLOPs are those of the unchunked path. Cross-entropy and stored top-k KD skip
+autograd over the vocabulary altogether (``_compact_chunk``), which made their chunked step faster
+than the unchunked one (``bench/vocab_memory.py``).
 
 Teachers: a stored top-k teacher is sliced per chunk; the online teacher's full logits are made
 per chunk from its hidden states and head (``DenseTeacherHead``); a cross-vocabulary online

@@ -165,7 +165,8 @@ def main() -> int:
 
     tokens = sorted(args.tokens)
     results = {loss: {"chunked": {}, "unchunked": {}} for loss in LOSSES}
-    print(f"V={VOCAB} H={HIDDEN} bf16, k={TOPK}, chunk_tokens={chunk_size(args.chunk_tokens, VOCAB)}; "
+    chunks = f"{chunk_size(args.chunk_tokens, VOCAB)} (ce, topk: {chunk_size(args.chunk_tokens, VOCAB, compact=True)})"
+    print(f"V={VOCAB} H={HIDDEN} bf16, k={TOPK}, chunk_tokens={chunks}; "
           "peak = RSS growth over forward + backward (MiB); step = fastest of the timed steps (s)")
     print(f"{'loss':6} {'tokens':>6} {'unchunked MiB':>14} {'chunked MiB':>12} {'ratio':>6} "
           f"{'unchunked s':>12} {'chunked s':>10} {'time ratio':>10}")

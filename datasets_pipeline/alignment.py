@@ -2,8 +2,9 @@
 
 Pure: the cores take ``decode`` callables, so tests use tiny fakes; two thin adapters wrap HF
 tokenizers. The generation stage stores the alignment (``records.SAMPLE_SCHEMA``
-``teacher_align`` and ``topk_student_ids``) so the training stage never needs the teacher's
-tokenizer for stored top-k; the online teacher computes the same alignment in the worker.
+``teacher_align``), so the training stage never re-tokenizes for stored top-k; it maps the stored
+teacher ids to student ids through ``vocab_map`` (cached per tokenizer pair, loaded once per
+worker), which costs no bytes per token. The online teacher computes both in the worker.
 
 Alignment by character offsets. Both models see the same target text (the teacher's completion).
 A token's *start* is the number of characters of the decoded text before it. The teacher's

@@ -16,7 +16,7 @@ from cluster.pii import redact, redact_messages
 from cluster.storage import localize
 
 from datasets_pipeline import records as R
-from datasets_pipeline.alignment import map_ids, tokenizer_decoder
+from datasets_pipeline.alignment import tokenizer_decoder
 from datasets_pipeline.answers import CHECKERS, split_reasoning
 from datasets_pipeline.config import GenerationConfig
 from datasets_pipeline.engine import sampling_params, scoring_params
@@ -24,7 +24,6 @@ from datasets_pipeline.prompts import (NoResponse, Prompt, Rejected, parse_json_
                                        to_response)
 from datasets_pipeline.targets import TooLong, build_student_example, render_prompt, same_vocabulary
 from datasets_pipeline.topk import topk_from_flat
-from datasets_pipeline.vocab_cache import cached_vocab_map
 
 
 def _load_tokenizer(ref: str):
@@ -190,7 +189,7 @@ def preprocess_error(row: dict, error: Exception) -> dict:
     """The student row of a sample that raised on its way to the student: set aside, with the error."""
     return {**{k: row[k] for k in SAMPLE_KEYS}, "prompt": "", "completion": "", "reasoning": None, "answer": "",
             "verified": None, "teacher_token_ids": [], "topk_k": 0, "topk_ids": [], "topk_logprobs": [],
-            "input_ids": [], "prompt_len": 0, "teacher_offset": -1, "teacher_align": [], "topk_student_ids": [],
+            "input_ids": [], "prompt_len": 0, "teacher_offset": -1, "teacher_align": [],
             "status": R.PREPROCESS_ERROR, "stage": "preprocess", "detail": f"{type(error).__name__}: {error}"[:500]}
 
 
@@ -202,8 +201,6 @@ class StudentStage:
         self.teacher_tok = _load_tokenizer(teacher_path)
         self.student_tok = _load_tokenizer(student_path)
         self.aligned = same_vocabulary(self.teacher_tok, self.student_tok)
-        # Cross-tokenizer: teacher id -> student id, built once per tokenizer pair (vocab_cache).
-        self.vocab_map = None if self.aligned else cached_vocab_map(self.teacher_tok, self.student_tok)
         self.checker = CHECKERS[self.cfg.preprocess.checker]
 
     def __call__(self, row: dict) -> dict:
@@ -234,7 +231,6 @@ class StudentStage:
             prompt_len=0,
             teacher_offset=-1,
             teacher_align=[],
-            topk_student_ids=[],
         )
         # The engine stage marks the requests vLLM refused with __inference_error__.
         error = row.get("__inference_error__")
@@ -260,8 +256,6 @@ class StudentStage:
             return {**out, "status": R.TOO_LONG_FOR_STUDENT, "detail": str(e)}
         out.update(input_ids=ex.input_ids, prompt_len=ex.prompt_len, teacher_offset=ex.teacher_offset,
                    teacher_align=ex.teacher_align)
-        if ex.teacher_align and len(topk_ids):
-            out["topk_student_ids"] = map_ids(self.vocab_map, topk_ids)
         return out
 
     def _engine_error(self, row: dict, out: dict, error) -> dict:

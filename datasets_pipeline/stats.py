@@ -9,9 +9,9 @@ Statistics are per split (``train``, ``val``)::
     rows               samples kept
     generated_tokens   teacher tokens (len(teacher_token_ids))
     topk_bytes         Arrow size of the two top-k columns: 4 bytes per id (int32), 2 per logprob
-                       (float16), and one 4-byte offset per row in each column. Not counted:
-                       cross-tokenizer rows also store ``topk_student_ids`` (4 bytes per entry, 80
-                       bytes per token at k = 20 on R1 -> Qwen, beside the 120 counted here)
+                       (float16), and one 4-byte offset per row in each column: all the top-k a
+                       row stores (cross-tokenizer rows too: their ids are mapped to student ids
+                       at training time, not stored)
     with_teacher_topk  rows whose teacher top-k reaches student positions: topk_k > 0 and either the
                        same tokenizer (teacher_offset >= 0) or a cross-tokenizer alignment
     xtok               of those, the cross-tokenizer ones (teacher_offset < 0, teacher_align non-empty)

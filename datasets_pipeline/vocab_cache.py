@@ -82,7 +82,7 @@ def tokenizer_records(teacher: str, student: str) -> dict[str, dict]:
     """The manifest's ``tokenizers``: per role, the tokenizer's location and content hash.
 
     Training compares the student's with its own (``rayjobs.distillation.plan.check_student_tokenizer``):
-    the shards' ``input_ids``, ``teacher_align`` and ``topk_student_ids`` hold that tokenizer's ids.
+    the shards' ``input_ids`` and ``teacher_align`` hold that tokenizer's ids and positions.
     Loaded as every stage loads them (``AutoTokenizer``, local directory or hub id).
     """
     from transformers import AutoTokenizer

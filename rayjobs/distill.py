@@ -21,6 +21,7 @@ import sys
 import time
 
 from cluster.connect import ray_init, require_shared
+from cluster.errors import ConfigError
 from cluster.model_refs import read_model_file
 from cluster.storage import join, release, write_json
 from rayjobs.config import DISTILL_DIGEST_EXCLUDE, PipelineConfig
@@ -60,22 +61,34 @@ def data_stats(data: str, context_limit: int) -> dict[str, int]:
     }
 
 
-def check_shards_tokenizer(data: str, student: str) -> None:
-    """``plan.check_student_tokenizer`` against the shards' manifest, before Ray Train starts.
-
-    Loads the student's tokenizer on the driver (local directory, hub id, or s3:// through the
-    node's cache, tokenizer files only) only when the manifest records one.
-    """
+def _tokenizer_hash(path: str) -> str:
+    """Content hash of the tokenizer at ``path`` (local directory, hub id, or s3:// through the
+    node's cache, tokenizer files only)."""
     from transformers import AutoTokenizer
 
     from cluster.storage import localize
-    from datasets_pipeline.shards import ShardStore
     from datasets_pipeline.vocab_cache import tokenizer_hash
 
-    recorded = ((ShardStore(data).read_manifest() or {}).get("tokenizers") or {}).get("student")
-    if recorded:
-        student_hash = tokenizer_hash(AutoTokenizer.from_pretrained(localize(student, tokenizer_only=True)))
-        plan.check_student_tokenizer(recorded, student, student_hash, data)
+    return tokenizer_hash(AutoTokenizer.from_pretrained(localize(path, tokenizer_only=True)))
+
+
+def check_shards_tokenizer(data: str, student: str, teacher_tokenizer: str | None = None) -> None:
+    """``plan.check_student_tokenizer`` against the shards' manifest, before Ray Train starts.
+
+    Loads the student's tokenizer on the driver only when the manifest records one. With
+    ``teacher_tokenizer`` (``plan.stored_teacher_tokenizer``) also checks that the tokenizer there
+    still hashes as recorded: the workers map the shards' teacher ids through it.
+    """
+    from datasets_pipeline.shards import ShardStore
+
+    records = (ShardStore(data).read_manifest() or {}).get("tokenizers") or {}
+    if records.get("student"):
+        plan.check_student_tokenizer(records["student"], student, _tokenizer_hash(student), data)
+    if teacher_tokenizer and _tokenizer_hash(teacher_tokenizer) != records["teacher"].get("sha256"):
+        raise ConfigError(
+            f"the teacher tokenizer at {teacher_tokenizer} no longer hashes as the shards at {data} record "
+            f"(sha256 {str(records['teacher'].get('sha256'))[:16]}): their top-k ids cannot be mapped to "
+            "student ids through it; restore that tokenizer or regenerate the shards")
 
 
 def _log_plan(log, d, step_plan, stats: dict[str, int], context: dict) -> None:
@@ -98,7 +111,9 @@ def train(cfg: PipelineConfig, log=print) -> dict:
 
     d = cfg.distillation
     data = engine.absolute(resolve_ref(d.data))
-    plan.check_teacher_signal(d, ShardStore(data).read_manifest())
+    store = ShardStore(data)
+    manifest = store.read_manifest()
+    plan.check_teacher_signal(d, manifest)
     student = engine.absolute(resolve_ref(d.student))
     teacher = engine.absolute(resolve_ref(d.teacher.model)) if d.online_teacher or d.service_teacher else None
     ray_init(cfg.cluster)
@@ -107,7 +122,8 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     limit = plan.context_limit(d, student_config)
     stats = data_stats(data, limit)
     plan.check_supported(d, stats)
-    check_shards_tokenizer(data, student)
+    teacher_tokenizer = plan.stored_teacher_tokenizer(d, manifest, stats, data)
+    check_shards_tokenizer(data, student, teacher_tokenizer)
     if d.online_teacher:
         plan.check_models(d, student_config, model_config(teacher))
     context = plan.context_report(d, limit, stats)
@@ -116,9 +132,9 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     _log_plan(log, d, step_plan, stats, context)
     storage = join(engine.absolute(d.output), "checkpoints")
     check_layout(join(storage, cfg.name), checkpoint_layout(d), cfg.name)
-    store = ShardStore(data)
     loop = engine.build_loop_config(d, cfg.name, student=student, teacher=teacher, total_steps=step_plan.total_steps,
-                                    storage=storage, has_val=stats["val"] > 0, max_seq_len=limit)
+                                    teacher_tokenizer=teacher_tokenizer, storage=storage, has_val=stats["val"] > 0,
+                                    max_seq_len=limit)
     datasets = engine.build_datasets(store.sample_files(), store.fs, plan.training_columns(d), stats,
                                      drop_over=limit if dropped else None)
     state = engine.fit(d, cfg.name, loop, datasets, storage)

@@ -21,8 +21,9 @@ the chunked head (``rayjobs.distillation.chunked_head.call_head``), which comput
 ``loss.chunk_tokens`` positions at a time, so no ``[tokens x V]`` logits exist for the student
 or the online teacher.
 
-``build`` wires it for a worker: the collate function, the projections (to be trained with the
-student) and the loss callable; it imports no engine itself, the teacher is loaded by the caller
+``build`` wires it for a worker: the collate function (with the teacher -> student vocabulary map,
+loaded once here, when stored or service top-k cross tokenizers), the projections (to be trained
+with the student) and the loss callable; it imports no engine itself, the teacher is loaded by the caller
 once the DeepSpeed engine knows its device (``attach_teacher``).
 """
 
@@ -32,8 +33,11 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from datasets_pipeline.targets import same_vocabulary
+from datasets_pipeline.vocab_cache import cached_vocab_map
 from rayjobs.distillation.chunked_head import call_head, no_logits, output_head
 from rayjobs.distillation.collate import CollateSettings, collate, model_inputs, pad_id
 from rayjobs.distillation.config import DistillationConfig
@@ -161,16 +165,33 @@ class WorkerLoss:
                                           with_attention=self.eager_attention)
 
 
+def collate_vocab_map(method: str, teacher_tok, student_tok) -> np.ndarray | None:
+    """The teacher -> student id map the collate applies to cross-tokenizer top-k rows, or None.
+
+    None when there is no teacher tokenizer (same-tokenizer shards), the method (``loss.xtok.method``)
+    is ULD (it uses the teacher's own ids) or the two vocabularies are equal. From ``vocab_cache``: built once per
+    tokenizer pair and node, then a ~0.5 MB ``.npy`` read.
+    """
+    if teacher_tok is None or method != "vocab_map":
+        return None
+    return None if same_vocabulary(teacher_tok, student_tok) else cached_vocab_map(teacher_tok, student_tok)
+
+
 def build(cfg: DistillationConfig, total_steps: int, student_tok, student_config, max_seq_len: int,
           teacher_dir: str | None, teacher_tok=None) -> WorkerLoss:
-    """Collate, projections and loss for this run's configuration (see the module docstring)."""
+    """Collate, projections and loss for this run's configuration (see the module docstring).
+
+    ``teacher_tok``: the online or service teacher's tokenizer, or for stored top-k the tokenizer
+    the shards' teacher ids belong to (cross-tokenizer shards only).
+    """
     stored_kd = cfg.loss.kind == "logit" and not cfg.online_teacher
     settings = CollateSettings(pad_id=pad_id(student_tok), max_seq_len=max_seq_len, packing=cfg.optim.packing,
-                               with_teacher=stored_kd, xtok_map=cfg.loss.xtok.method == "vocab_map")
+                               with_teacher=stored_kd, xtok_map=cfg.loss.xtok.method == "vocab_map",
+                               vocab_map=collate_vocab_map(cfg.loss.xtok.method, teacher_tok, student_tok) if stored_kd else None)
     loss = BatchLoss(cfg, total_steps)
     if cfg.service_teacher:
         ref = cfg.teacher.service
-        topk = ServiceTopK(client_for(ref), teacher_tok, student_tok, ref.top_k)
+        topk = ServiceTopK(client_for(ref), teacher_tok, ref.top_k)
         return WorkerLoss(loss, ServiceCollate(settings, topk), None, None, topk)
     if not cfg.online_teacher:
         return WorkerLoss(loss, functools.partial(collate, settings=settings), None, None)

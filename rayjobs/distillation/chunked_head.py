@@ -16,7 +16,9 @@ with the whole batch's token counts (``losses.reduce_terms``), and asks autograd
 of that chunk's loss with respect to its logits alone. The chunk's hidden-state gradient
 (``g @ W``) and its share of the head gradient (``g^T h``) are computed right away and the logits
 dropped. The backward pass only scales the stored gradients by the incoming one: nothing is
-recomputed, and the FLOPs are those of the unchunked path.
+recomputed, and the FLOPs are those of the unchunked path. Cross-entropy and stored top-k KD skip
+autograd over the vocabulary altogether (``_compact_chunk``), which made their chunked step faster
+than the unchunked one (``bench/vocab_memory.py``).
 
 Teachers: a stored top-k teacher is sliced per chunk; the online teacher's full logits are made
 per chunk from its hidden states and head (``DenseTeacherHead``); a cross-vocabulary online
@@ -44,6 +46,7 @@ from rayjobs.distillation.losses import (
     KdTerm,
     LossOutput,
     LossSettings,
+    TokenTerms,
     TopKTeacher,
     divergence_term,
     kd_positions,
@@ -52,19 +55,23 @@ from rayjobs.distillation.losses import (
 )
 
 
-# Logits per chunk when ``chunk_tokens`` is not set: 2**24 (64 MiB in fp32; ~300 MiB for a chunk's
-# loss and gradients), i.e. 110 tokens at V = 151,936 and a whole micro-batch for small vocabularies,
-# which then pay no per-chunk overhead.
+# Logits per chunk when ``chunk_tokens`` is not set, sized to about the same working set (~300 MiB)
+# on both paths: autograd over the chunk's fp32 logits holds ~18 bytes per logit at its peak (the
+# logits, logsumexp's and the gathers' gradients, their sum, temporaries): 2**24 logits, 110 tokens
+# at V = 151,936. The compact path (``_compact_chunk``: cross-entropy and stored top-k KD) holds one
+# fp32 buffer and the head-dtype logits and gradient, ~6 bytes per logit: 2**26 logits, 441 tokens,
+# whose fewer, larger GEMMs run faster. Small vocabularies get the whole micro-batch in one chunk.
 CHUNK_LOGITS = 2**24
+COMPACT_CHUNK_LOGITS = 2**26
 
 
-def chunk_size(chunk_tokens: int | None, vocab: int) -> int:
-    """Tokens per chunk: ``chunk_tokens`` as configured, else sized from the vocabulary."""
+def chunk_size(chunk_tokens: int | None, vocab: int, compact: bool = False) -> int:
+    """Tokens per chunk: ``chunk_tokens`` as configured, else sized from the vocabulary and the path."""
     if chunk_tokens is not None:
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         return chunk_tokens
-    return max(1, CHUNK_LOGITS // vocab)
+    return max(1, (COMPACT_CHUNK_LOGITS if compact else CHUNK_LOGITS) // vocab)
 
 
 def no_logits(device) -> torch.Tensor:
@@ -144,25 +151,76 @@ class _Job:
     num_kd_tokens: torch.Tensor
 
     def chunk_loss(self, logits: torch.Tensor, start: int, end: int) -> LossOutput:
-        terms = token_terms(logits, self.labels[start:end], _teacher_chunk(self.teacher, start, end),
-                            self.settings, self.kd_term)
+        return self.reduce(token_terms(logits, self.labels[start:end], _teacher_chunk(self.teacher, start, end),
+                                       self.settings, self.kd_term))
+
+    def reduce(self, terms: TokenTerms) -> LossOutput:
+        """A chunk's terms as its share of the batch's loss (the batch's token counts)."""
         return reduce_terms(terms, self.settings, self.num_tokens, self.num_kd_tokens)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the loss reads the logits only through their logsumexp and a few gathered columns
+        (cross-entropy, and a divergence over stored top-k): then ``_compact_chunk`` applies."""
+        return self.settings.kind == "data" or (
+            self.kd_term is divergence_term and isinstance(self.teacher, TopKTeacher))
+
+
+def _compact_chunk(logits: torch.Tensor, job: _Job, start: int, grad_out: torch.Tensor | None) -> LossOutput:
+    """``job.chunk_loss`` for a sparse loss (``_Job.sparse``) without autograd over the vocabulary.
+
+    Such a loss depends on the ``[C, V]`` logits only through each row's logsumexp and the columns
+    of its label and teacher ids. Those ``[C, 1 + k]`` values and the logsumexp become the leaves of
+    ``token_terms`` (the label remapped to column 0, teacher id ``j`` to column ``1 + j``), so
+    autograd runs on ``[C, 1 + k]``. The vocabulary-wide gradient is then written in place into
+    ``logits``: ``softmax * dL/dlse`` plus the gathered columns' gradients, about 9 passes over the
+    chunk instead of autograd's ~16 (logsumexp's and two gathers' backward, their sum, temporaries).
+    ``logits`` (the compute dtype) is overwritten.
+    """
+    end = start + logits.shape[0]
+    labels = job.labels[start:end]
+    teacher = _teacher_chunk(job.teacher, start, end) if job.settings.kind == "logit" else None
+    has_label = labels != IGNORE_INDEX
+    columns = [torch.where(has_label, labels, 0)[:, None]]
+    if teacher is not None:
+        columns.append(torch.where(teacher.ids >= 0, teacher.ids, 0))
+        slots = torch.arange(1, teacher.ids.shape[-1] + 1, device=logits.device)
+        teacher = TopKTeacher(torch.where(teacher.ids >= 0, slots, -1), teacher.logprobs, teacher.mask)
+    index = torch.cat(columns, dim=-1)
+    need_grad = grad_out is not None
+    picked = logits.gather(-1, index).requires_grad_(need_grad)
+    lse = torch.logsumexp(logits, dim=-1).requires_grad_(need_grad)
+    with torch.set_grad_enabled(need_grad):
+        terms = token_terms(picked, torch.where(has_label, 0, IGNORE_INDEX), teacher, job.settings, job.kd_term, lse)
+        out = job.reduce(terms)
+    if need_grad:
+        d_picked, d_lse = torch.autograd.grad(out.total, [picked, lse])
+        # logsumexp's backward as autograd computes it (exp(logits - lse) * grad), in place.
+        logits.sub_(lse.detach()[:, None]).exp_().mul_(d_lse[:, None]).scatter_add_(-1, index, d_picked)
+        grad_out.copy_(logits)
+    return out
 
 
 def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, job: _Job, start: int,
-           need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk's ``[total, ce, kd]`` and the gradient of its total w.r.t. its logits.
+           grad_out: torch.Tensor | None) -> torch.Tensor:
+    """One chunk's ``[total, ce, kd]``; with ``grad_out``, the gradient of its total w.r.t. its logits there.
 
     A function of its own so the chunk's logits and graph are freed on return, before the next
     chunk's exist. The logits are upcast here, as ``losses.token_terms`` would, so the low-precision
-    copy is not kept beside them; the gradient is cast back to the head's dtype.
+    copy is not kept beside them; the gradient is cast back to the head's dtype as it is written.
     """
+    need_grad = grad_out is not None
     logits = F.linear(h, weight, bias)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).requires_grad_(need_grad)
-    with torch.set_grad_enabled(need_grad):
-        out = job.chunk_loss(logits, start, start + h.shape[0])
-    sums = torch.stack([out.total, out.ce, out.kd]).detach()
-    return sums, torch.autograd.grad(out.total, logits)[0].to(h.dtype) if need_grad else None
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if job.sparse:
+        out = _compact_chunk(logits, job, start, grad_out)
+    else:
+        logits.requires_grad_(need_grad)
+        with torch.set_grad_enabled(need_grad):
+            out = job.chunk_loss(logits, start, start + h.shape[0])
+        if need_grad:
+            grad_out.copy_(torch.autograd.grad(out.total, logits)[0])
+    return torch.stack([out.total, out.ce, out.kd]).detach()
 
 
 def _run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, job: _Job,
@@ -173,8 +231,8 @@ def _run_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
              torch.zeros_like(bias) if wanted[2] else None]
     for start in range(0, hidden.shape[0], job.chunk_tokens):
         h = hidden[start:start + job.chunk_tokens]
-        chunk_sums, g = _chunk(h, weight, bias, job, start, any(wanted))
-        sums += chunk_sums
+        g = hidden.new_empty(h.shape[0], weight.shape[0]) if any(wanted) else None
+        sums += _chunk(h, weight, bias, job, start, g)
         if wanted[0]:
             torch.mm(g, weight, out=grads[0][start:start + h.shape[0]])
         if wanted[1]:
@@ -220,13 +278,13 @@ def head_loss(
     tuple of tensors, because that is what ZeRO-3's hooks look into when this runs as a module's
     forward (``call_head``).
     """
-    chunk_tokens = chunk_size(chunk_tokens, weight.shape[0])
     has_label = labels != IGNORE_INDEX
     n = has_label.sum()
     kd_on = settings.kind == "logit" and teacher is not None
     n_kd = kd_positions(labels, teacher).sum() if kd_on else torch.zeros_like(n)
     rows = has_label.reshape(-1).nonzero().squeeze(-1)
-    job = _Job(labels.reshape(-1)[rows], _teacher_rows(teacher, rows), settings, kd_term, chunk_tokens, n, n_kd)
+    job = _Job(labels.reshape(-1)[rows], _teacher_rows(teacher, rows), settings, kd_term, 1, n, n_kd)
+    job = replace(job, chunk_tokens=chunk_size(chunk_tokens, weight.shape[0], job.sparse))
     picked = _flat(hidden, rows, 1)
     inputs = [t for t in (picked, weight, bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):

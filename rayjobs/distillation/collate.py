@@ -18,8 +18,11 @@ not end with it) has no top-k and gets no KD mask, only cross-entropy.
 Rows with ``teacher_offset = -1`` (student tokens differ from the teacher's) take their teacher from
 the cross-tokenizer alignment the generation stage stored (``teacher_align``: per student target
 token, the teacher token starting at the same character; ``rayjobs.distillation.xtok.aligned_teacher_xtok``),
-with the top-k ids mapped to student ids (``topk_student_ids``). Rows with neither (stripped
-reasoning, texts that did not align) get no KD mask, only cross-entropy.
+with the stored teacher top-k ids mapped to student ids here, through ``CollateSettings.vocab_map``
+(``datasets_pipeline.vocab_cache.cached_vocab_map``, loaded once per worker by
+``rayjobs.distillation.batch_loss.build``): the map is one int32 per teacher id, so mapping at
+training time saves the shards 4 bytes per top-k entry (80 per token at k = 20). Rows with neither
+(stripped reasoning, texts that did not align) get no KD mask, only cross-entropy.
 
 Packing (``packing=True``). The micro-batch's rows are packed first-fit-decreasing into rows of
 ``max_seq_len`` tokens. Each packed row carries ``position_ids`` restarting at 0 for every sample
@@ -32,11 +35,12 @@ per micro-batch is unchanged, so step counts do not depend on packing; only padd
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from datasets_pipeline.alignment import map_ids
 from rayjobs.distillation.xtok import aligned_teacher_xtok
 
 IGNORE_INDEX = -100
@@ -44,7 +48,7 @@ NO_TOKEN = -1
 
 # Columns the collator reads; the teacher ones only when KD is on (they are the bulk of the bytes).
 BASE_COLUMNS = ("input_ids", "prompt_len", "teacher_offset")
-TEACHER_COLUMNS = ("topk_k", "topk_ids", "topk_logprobs", "teacher_align", "topk_student_ids")
+TEACHER_COLUMNS = ("topk_k", "topk_ids", "topk_logprobs", "teacher_align")
 
 
 def pad_id(tokenizer) -> int:
@@ -65,6 +69,9 @@ class CollateSettings:
     # Cross-tokenizer rows: KD over the stored ids mapped to student ids (``vocab_map``), or over
     # the teacher's own ids, which only ULD can use (it ignores which token each probability is).
     xtok_map: bool = True
+    # Teacher id -> student id (int32 ``[V_t]``, -1 unmapped); needed when ``xtok_map`` meets a
+    # cross-tokenizer row. One array per worker, shared by every batch.
+    vocab_map: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -122,15 +129,20 @@ def aligned_teacher(
     return ids, lps, mask
 
 
-def _row_teacher(batch: Mapping[str, Sequence], r: int, length: int, width: int, xtok_map: bool):
+def _row_teacher(batch: Mapping[str, Sequence], r: int, length: int, width: int, settings: CollateSettings):
     """Row ``r``'s teacher at its student positions: same-tokenizer offset, cross-tokenizer alignment or none."""
     offset, k = int(batch["teacher_offset"][r]), int(batch["topk_k"][r])
     align = batch["teacher_align"][r] if "teacher_align" in batch else None
     if offset >= 0 or align is None or not len(align):
         return aligned_teacher(length, offset, k, width, batch["topk_ids"][r], batch["topk_logprobs"][r])
-    ids = batch["topk_student_ids"][r] if xtok_map else batch["topk_ids"][r]
+    ids = batch["topk_ids"][r]
+    if settings.xtok_map and k > 0:
+        if settings.vocab_map is None:
+            raise ValueError("a cross-tokenizer row needs the teacher -> student vocabulary map "
+                             "(CollateSettings.vocab_map), and none was given")
+        ids = map_ids(settings.vocab_map, ids)
     return aligned_teacher_xtok(length, int(batch["prompt_len"][r]), align, k, width, ids,
-                                batch["topk_logprobs"][r], merge=xtok_map)
+                                batch["topk_logprobs"][r], merge=settings.xtok_map)
 
 
 def _num_rows(batch: Mapping[str, Sequence]) -> int:
@@ -148,7 +160,7 @@ def _segments(batch: Mapping[str, Sequence], settings: CollateSettings) -> tuple
         ids = np.asarray(batch["input_ids"][r], np.int64)[: settings.max_seq_len]
         labels = shifted_labels(ids, int(batch["prompt_len"][r]))
         if with_teacher:
-            t_ids, t_lps, t_mask = _row_teacher(batch, r, len(ids), width, settings.xtok_map)
+            t_ids, t_lps, t_mask = _row_teacher(batch, r, len(ids), width, settings)
         else:
             t_ids = t_lps = None
             t_mask = np.zeros(len(ids), bool)

@@ -75,8 +75,9 @@ class LossConfig(StrictModel):
         None, ge=1, description="Tokens whose full-vocabulary logits exist at once: the student's LM head, every "
         "loss reading its logits and the online teacher's logits run over the micro-batch's labelled tokens in "
         "chunks of this many (rayjobs/distillation/chunked_head.py), so memory stays flat in sequence length, "
-        "about chunk_tokens x vocabulary x 20 bytes. null: 2**24 logits per chunk (110 tokens at 151,936 ids, "
-        "~300 MB; a whole micro-batch for small vocabularies); larger chunks amortize per-chunk overhead on GPUs.")
+        "about chunk_tokens x vocabulary x 20 bytes (x 6 for cross-entropy and stored top-k KD). null: sized to "
+        "~300 MB: 2**24 logits per chunk (110 tokens at 151,936 ids), 2**26 (441) for cross-entropy and stored "
+        "top-k KD; a whole micro-batch for small vocabularies. Larger chunks amortize per-chunk overhead.")
 
     @model_validator(mode="after")
     def _stages_need_features(self):

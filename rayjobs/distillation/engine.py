@@ -51,12 +51,18 @@ def candidate_location(d: DistillationConfig, run_name: str) -> str:
 
 
 def build_loop_config(d: DistillationConfig, run_name: str, *, student: str, teacher: str | None,
-                      total_steps: int, storage: str, has_val: bool, max_seq_len: int) -> dict:
-    """What every worker gets: the stage config, resolved paths and the step plan."""
+                      total_steps: int, storage: str, has_val: bool, max_seq_len: int,
+                      teacher_tokenizer: str | None = None) -> dict:
+    """What every worker gets: the stage config, resolved paths and the step plan.
+
+    ``teacher``: the online or service teacher; ``teacher_tokenizer``: the tokenizer of stored
+    cross-tokenizer top-k ids (``plan.stored_teacher_tokenizer``), tokenizer files only.
+    """
     loop = {
         "distillation": d.model_dump(mode="json"),
         "student": student,
         "teacher": teacher,
+        "teacher_tokenizer": teacher_tokenizer,
         "max_seq_len": max_seq_len,
         "total_steps": total_steps,
         "merged_location": candidate_location(d, run_name),

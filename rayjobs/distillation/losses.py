@@ -334,16 +334,19 @@ def token_terms(
     teacher: TopKTeacher | DenseTeacher | None = None,
     settings: LossSettings = LossSettings(),
     kd_term: KdTerm = divergence_term,
+    lse: torch.Tensor | None = None,
 ) -> TokenTerms:
     """Each position's cross-entropy and KD term; shapes as ``distill_loss``, any leading dims.
 
     The logits are upcast to at least float32 and reduced over V once (the logsumexp is shared by
     cross-entropy and the KD term). ``kd_term`` is ``divergence_term`` or ULD's
-    (``rayjobs.distillation.xtok.uld_term``).
+    (``rayjobs.distillation.xtok.uld_term``). ``lse``: the logsumexp over the full vocabulary when
+    given; then ``student_logits`` need only hold the columns that labels and top-k ids point at
+    (the chunked head passes them compacted, ``chunked_head._compact_chunk``).
     """
     logits = student_logits.to(_compute_dtype(student_logits))
     has_label = labels != IGNORE_INDEX
-    lse = torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
     target = logits.gather(-1, torch.where(has_label, labels, 0)[..., None]).squeeze(-1)
     ce = torch.where(has_label, lse - target, 0.0)
     if settings.kind == "data":

@@ -96,10 +96,30 @@ def check_models(d: DistillationConfig, student: dict, teacher: dict) -> None:
         raise ConfigError(str(e)) from None
 
 
+def stored_teacher_tokenizer(d: DistillationConfig, manifest: dict | None, stats: dict[str, int], data: str) -> str | None:
+    """Where workers load the tokenizer of the shards' teacher ids, or None when they need none.
+
+    Stored cross-tokenizer top-k with ``loss.xtok.method: vocab_map`` keeps the teacher's ids; the
+    collate maps them to student ids through the cached vocabulary map of the tokenizer pair, so
+    the workers need the teacher's tokenizer (files only) that the manifest records. Shards whose
+    manifest predates that record cannot be mapped and are refused (regenerate them).
+    """
+    stored = d.loss.kind == "logit" and not d.online_teacher and not d.service_teacher
+    if not stored or d.loss.xtok.method != "vocab_map" or not stats.get("xtok"):
+        return None
+    recorded = ((manifest or {}).get("tokenizers") or {}).get("teacher")
+    if not recorded or not recorded.get("path"):
+        raise ConfigError(
+            f"the shards at {data} hold {stats['xtok']} cross-tokenizer rows but their manifest does not record "
+            "the teacher's tokenizer, which training now needs to map the teacher's top-k ids to student ids "
+            "(they are no longer stored per token): regenerate the shards, or set distillation.loss.xtok.method: uld")
+    return recorded["path"]
+
+
 def check_student_tokenizer(recorded: dict | None, student: str, student_hash: str, data: str) -> None:
-    """Refuse shards made for another student tokenizer: their ``input_ids``, ``teacher_align`` and
-    ``topk_student_ids`` are that tokenizer's ids and positions, and would train this student on
-    the wrong tokens without any error. ``recorded`` is the manifest's ``tokenizers.student``
+    """Refuse shards made for another student tokenizer: their ``input_ids`` and ``teacher_align``
+    are that tokenizer's ids and positions, and would train this student on the wrong tokens
+    without any error. ``recorded`` is the manifest's ``tokenizers.student``
     (``datasets_pipeline.vocab_cache.tokenizer_records``); shards written before it was recorded
     (None) are not checked.
     """

@@ -9,10 +9,9 @@ enters their memory, and it can be shared by several jobs.
 What is sent is what generation stored: the teacher's chat-rendered prompt and the completion's
 ``teacher_token_ids``. The service's position ``j`` is then the teacher's distribution over
 generated token ``j``, exactly the layout of the stored ``topk_ids`` / ``topk_logprobs``. So this
-module only refills those columns (and ``topk_student_ids`` through the same vocabulary map the
-generation stage uses) and hands the batch to the ordinary ``collate``: same-tokenizer rows line up
-by ``teacher_offset``, cross-tokenizer rows through the stored ``teacher_align``, as on the stored
-path. Rows with neither (stripped reasoning, texts that did not align) are not sent.
+module only refills those two columns and hands the batch to the ordinary ``collate``:
+same-tokenizer rows line up by ``teacher_offset``, cross-tokenizer rows through the stored
+``teacher_align`` and the collate's vocabulary map, exactly as on the stored path. Rows with neither (stripped reasoning, texts that did not align) are not sent.
 
 It runs where the collate runs, in Ray Data's prefetch threads, so a request overlaps the
 previous micro-batch's compute. Pure: no Ray, no vLLM; of ``service/`` it uses only the client.
@@ -25,9 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from datasets_pipeline.alignment import map_ids
-from datasets_pipeline.vocab_cache import cached_vocab_map
-from datasets_pipeline.targets import render_prompt, same_vocabulary
+from datasets_pipeline.targets import render_prompt
 from rayjobs.distillation.collate import CollateSettings, collate
 from rayjobs.distillation.config import TeacherServiceRef
 
@@ -45,10 +42,8 @@ def client_for(ref: TeacherServiceRef):
 class ServiceTopK:
     """Batch columns -> the same columns with ``topk_*`` filled in by the scoring service."""
 
-    def __init__(self, client, teacher_tok, student_tok, top_k: int):
+    def __init__(self, client, teacher_tok, top_k: int):
         self.client, self.teacher_tok, self.top_k = client, teacher_tok, top_k
-        self.vocab_map = None if same_vocabulary(teacher_tok, student_tok) else cached_vocab_map(
-            teacher_tok, student_tok)
         self.scored_tokens = 0
 
     def _request(self, batch: Mapping[str, Sequence]) -> tuple[list[int], list[list[int]], list[int]]:
@@ -69,7 +64,7 @@ class ServiceTopK:
     def __call__(self, batch: Mapping[str, Sequence]) -> dict:
         n = len(batch["input_ids"])
         out = {**batch, "topk_k": np.zeros(n, np.int64), "topk_ids": [np.zeros(0, np.int64)] * n,
-               "topk_logprobs": [np.zeros(0, np.float32)] * n, "topk_student_ids": [np.zeros(0, np.int64)] * n}
+               "topk_logprobs": [np.zeros(0, np.float32)] * n}
         rows, seqs, lens = self._request(batch)
         if not rows:
             return out
@@ -77,8 +72,6 @@ class ServiceTopK:
             out["topk_k"][r] = self.top_k
             out["topk_ids"][r] = scores.topk_ids.reshape(-1)
             out["topk_logprobs"][r] = scores.topk_logprobs.reshape(-1)
-            if self.vocab_map is not None and int(batch["teacher_offset"][r]) < 0:
-                out["topk_student_ids"][r] = map_ids(self.vocab_map, out["topk_ids"][r])
             self.scored_tokens += len(scores)
         return out
 

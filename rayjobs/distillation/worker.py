@@ -309,11 +309,14 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = int(config["total_steps"])
     student_dir = localize(config["student"])
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    # Only the online teacher runs here; otherwise the worker needs just the teacher's tokenizer (prompt
-    # rendering and vocabulary), not a copy of its weights on this node.
+    # Only the online teacher runs here; otherwise the worker needs just the teacher's tokenizer: the service
+    # teacher's prompt rendering, and stored cross-tokenizer top-k's ids (the collate's vocabulary map).
     teacher_dir = (localize(config["teacher"], tokenizer_only=not cfg.online_teacher) if config["teacher"]
                    else None)
-    teacher_tok = AutoTokenizer.from_pretrained(teacher_dir) if teacher_dir else None
+    teacher_tok = None
+    if teacher_dir or config.get("teacher_tokenizer"):
+        teacher_tok = AutoTokenizer.from_pretrained(teacher_dir or localize(config["teacher_tokenizer"],
+                                                                            tokenizer_only=True))
     parts = batch_loss.build(cfg, total_steps, tokenizer, AutoConfig.from_pretrained(student_dir),
                              int(config["max_seq_len"]), teacher_dir if cfg.online_teacher else None, teacher_tok)
     engine, lr_lambda = _build_engine(cfg, student_dir, total_steps, ctx.get_world_size(), parts)

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets_pipeline.alignment import NO_ALIGN, align_tokens, tokenizer_decoder
-from datasets_pipeline.stages import map_ids
+from datasets_pipeline.alignment import NO_ALIGN, align_tokens, map_ids, tokenizer_decoder
 from rayjobs.demo.real_tokenizers import _bytes_to_unicode
 from rayjobs.distillation.xtok import aligned_teacher_xtok
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from datasets_pipeline.alignment import map_ids
 from datasets_pipeline.stages import StudentStage
+from datasets_pipeline.vocab_cache import cached_vocab_map
 
 COMPLETION = "<think>\n7+5+0=12\n4+8+1=13\n</think>\n132"
 
@@ -15,7 +16,7 @@ def test_map_ids_keeps_padding():
     assert map_ids(np.array([5, 6, 7], np.int32), [2, -1, 0, 9]).tolist() == [7, -1, 5, -1]
 
 
-def test_cross_tokenizer_rows_carry_alignment_and_mapped_topk(tok_dirs):
+def test_cross_tokenizer_rows_carry_alignment_and_teacher_topk(tok_dirs):
     teacher_dir, student_dir, teacher, student = tok_dirs
     cfg = {"teacher": teacher_dir, "input": {"path": "x.jsonl"}, "output": "out",
            "sampling": {"logprobs_topk": 2, "max_new_tokens": 64}}
@@ -32,7 +33,8 @@ def test_cross_tokenizer_rows_carry_alignment_and_mapped_topk(tok_dirs):
     assert out["status"] == "ok" and out["teacher_offset"] == -1
     target = out["input_ids"][out["prompt_len"]:]
     assert len(out["teacher_align"]) == len(target) and out["teacher_align"][-1] == len(tokens) - 1
-    mapped = np.asarray(out["topk_student_ids"]).reshape(-1, 2)
+    assert "topk_student_ids" not in out  # mapped at training time (the collate), not stored
+    mapped = map_ids(cached_vocab_map(teacher, student), out["topk_ids"]).reshape(-1, 2)
     # Where a student token is aligned with a teacher token of the same text, the teacher's top-1
     # (the token it generated) maps to exactly that student token.
     same = [(i, j) for i, j in enumerate(out["teacher_align"])

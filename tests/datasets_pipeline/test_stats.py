@@ -17,7 +17,7 @@ def sample(i: int, split: str = "train", *, n_tok: int = 3, k: int = 2, offset: 
         "reference": None, "completion": "c", "reasoning": None, "answer": "a", "verified": None,
         "teacher_token_ids": list(range(n_tok)), "topk_k": k, "topk_ids": [1] * (k * n_tok),
         "topk_logprobs": [-0.5] * (k * n_tok), "input_ids": list(range(length)), "prompt_len": 4,
-        "teacher_offset": offset, "teacher_align": [0] * align, "topk_student_ids": [],
+        "teacher_offset": offset, "teacher_align": [0] * align,
     }
 
 

@@ -32,6 +32,14 @@ def test_another_student_tokenizer_is_refused_naming_both(tiny_pair, shards):
         assert part in message
 
 
+def test_a_changed_teacher_tokenizer_is_refused(tiny_pair, shards):
+    """Stored cross-tokenizer top-k is mapped through the recorded teacher tokenizer: it must still be that one."""
+    check_shards_tokenizer(shards, tiny_pair["student"], tiny_pair["teacher"])
+    with pytest.raises(ConfigError, match="regenerate the shards") as e:
+        check_shards_tokenizer(shards, tiny_pair["student"], tiny_pair["student"])
+    assert tiny_pair["student"] in str(e.value) and shards in str(e.value)
+
+
 def test_shards_without_a_record_are_not_checked(tiny_pair, tmp_path):
     ShardStore(str(tmp_path)).write_manifest({"complete": True})
     check_shards_tokenizer(str(tmp_path), tiny_pair["teacher"])

@@ -30,6 +30,7 @@ def build_shards(world, out: Path, n_train: int = 40, n_val: int = 8) -> None:
     from datasets_pipeline.shards import ShardStore
     from datasets_pipeline.stages import StudentStage
     from datasets_pipeline.targets import render_prompt
+    from datasets_pipeline.vocab_cache import tokenizer_records
     from rayjobs.demo.task import read_prompts_jsonl
 
     tok = AutoTokenizer.from_pretrained(world.teacher)
@@ -54,7 +55,10 @@ def build_shards(world, out: Path, n_train: int = 40, n_val: int = 8) -> None:
         })
         assert out_row["status"] == "ok" and out_row["teacher_align"], out_row
         rows.append({k: out_row[k] for k in R.SAMPLE_COLUMNS})
-    ShardStore(str(out)).write_shard(0, rows, [], [r["prompt_id"] for r in rows], [], {"kept": len(rows)})
+    store = ShardStore(str(out))
+    store.write_shard(0, rows, [], [r["prompt_id"] for r in rows], [], {"kept": len(rows)})
+    # Training maps the stored teacher ids through the tokenizers the manifest records.
+    store.write_manifest({"complete": True, "tokenizers": tokenizer_records(str(world.teacher), str(world.student))})
 
 
 @pytest.fixture(scope="module")

@@ -220,6 +220,7 @@ def test_chunk_size_defaults_to_a_logit_budget_and_config_refuses_lora_on_the_he
     from rayjobs.distillation.config import DistillationConfig
 
     assert chunk_size(None, 151_936) == 110 and chunk_size(None, 384) == 43_690 and chunk_size(7, 151_936) == 7
+    assert chunk_size(None, 151_936, compact=True) == 441 and chunk_size(7, 151_936, compact=True) == 7
     cfg = DistillationConfig.model_validate({"student": "s", "output": "o"})
     assert cfg.loss.chunk_tokens is None
     with pytest.raises(ValidationError, match="LoRA adapters on lm_head"):

@@ -7,7 +7,8 @@ import pytest
 from cluster.errors import ConfigError
 from rayjobs.distillation.curves import render_png, steady_tokens_per_s, write_curves
 from rayjobs.distillation.plan import (
-    check_models, check_student_tokenizer, check_supported, context_limit, context_report, plan_steps, training_columns,
+    check_models, check_student_tokenizer, check_supported, context_limit, context_report, plan_steps,
+    stored_teacher_tokenizer, training_columns,
 )
 from rayjobs.distillation.config import DistillationConfig, GateConfig
 from rayjobs.distillation.evaluate import answer_metrics, check_gate, token_f1
@@ -82,10 +83,26 @@ def test_student_tokenizer_must_be_the_shards_one():
         assert part in str(e.value)
 
 
+def test_stored_cross_tokenizer_topk_needs_the_recorded_teacher_tokenizer():
+    manifest = {"tokenizers": {"teacher": {"path": "/models/r1", "sha256": "a" * 64}}}
+    xtok, same = {"xtok": 5}, {"xtok": 0}
+    assert stored_teacher_tokenizer(_d(loss={"kind": "logit"}), manifest, xtok, "runs/gen") == "/models/r1"
+    # Nothing to map: same-tokenizer rows, ULD (the teacher's own ids), no stored KD.
+    assert stored_teacher_tokenizer(_d(loss={"kind": "logit"}), manifest, same, "runs/gen") is None
+    assert stored_teacher_tokenizer(_d(loss={"kind": "logit", "xtok": {"method": "uld"}}), None, xtok, "x") is None
+    assert stored_teacher_tokenizer(_d(loss={"kind": "data"}), None, xtok, "runs/gen") is None
+    # Shards from before the manifest named the teacher's tokenizer: refused, saying what to do.
+    with pytest.raises(ConfigError) as e:
+        stored_teacher_tokenizer(_d(loss={"kind": "logit"}), {"complete": True}, xtok, "runs/gen")
+    for part in ("runs/gen", "regenerate", "distillation.loss.xtok.method"):
+        assert part in str(e.value)
+
+
 def test_training_columns_skip_teacher_for_data_loss():
     assert "topk_ids" not in training_columns(_d(loss={"kind": "data"}))
     assert "topk_ids" in training_columns(_d(loss={"kind": "logit"}))
     assert "teacher_align" in training_columns(_d(loss={"kind": "logit"}))
+    assert "topk_student_ids" not in training_columns(_d(loss={"kind": "logit"}))  # old shards: not read
     online = training_columns(_d(loss={"kind": "feature"}))
     assert "completion" in online and "messages" in online and "topk_ids" not in online
 

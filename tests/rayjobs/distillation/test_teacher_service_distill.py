@@ -61,7 +61,7 @@ def test_service_topk_are_the_stored_topk(service, tiny_world, xtok_world):
         ["input_ids", "prompt_len", "teacher_offset", "topk_ids", "topk_logprobs", *SERVICE_COLUMNS])
     batch = {c: table.column(c).to_pylist() for c in table.column_names}
     topk = ServiceTopK(client_for(service.distillation.teacher.service), AutoTokenizer.from_pretrained(
-        tiny_world.teacher), AutoTokenizer.from_pretrained(tiny_world.student), TOPK)
+        tiny_world.teacher), TOPK)
     started = time.perf_counter()
     out = topk(batch)
     elapsed = time.perf_counter() - started
@@ -76,7 +76,6 @@ def test_service_topk_are_the_stored_topk(service, tiny_world, xtok_world):
         total += got_ids.size
         same += int((got_ids == want_ids).sum())
         close += int(np.isclose(got_lps, want_lps, atol=2e-2).sum())  # the shards hold float16
-        assert len(out["topk_student_ids"][r]) == got_ids.size  # cross-tokenizer: mapped like the stored ones
     # Two engines (vLLM, transformers) in float32: ids may swap only where log-probs tie.
     assert same / total > 0.97 and close / total > 0.97, (same, close, total)
 

@@ -57,16 +57,17 @@ def test_xtok_alignment_skips_unaligned_tokens_and_truncation():
 
 def test_collate_uses_the_stored_alignment_for_cross_tokenizer_rows():
     input_ids, ids, lps = _row()
-    mapped = ids + 1000  # the student's ids for the same tokens
+    vocab_map = np.arange(100, dtype=np.int32) + 1000  # the student's ids for the same tokens
     row = {"input_ids": [input_ids], "prompt_len": [4], "teacher_offset": [-1], "topk_k": [3],
-           "topk_ids": [ids], "topk_logprobs": [lps], "teacher_align": [list(range(6))],
-           "topk_student_ids": [mapped]}
-    out = collate(row, CollateSettings(pad_id=0, max_seq_len=64))
+           "topk_ids": [ids], "topk_logprobs": [lps], "teacher_align": [list(range(6))]}
+    out = collate(row, CollateSettings(pad_id=0, max_seq_len=64, vocab_map=vocab_map))
     kd = out["teacher_mask"][0]
     assert kd.sum() == 6
-    assert set(out["teacher_ids"][0][kd].reshape(-1).tolist()) <= set(mapped.tolist())
+    assert set(out["teacher_ids"][0][kd].reshape(-1).tolist()) <= set((ids + 1000).tolist())
     raw = collate(row, CollateSettings(pad_id=0, max_seq_len=64, xtok_map=False))
     assert (raw["teacher_ids"][0][kd][:, 0] == torch.from_numpy(ids.reshape(6, 3)[:, 0])).all()
+    with pytest.raises(ValueError, match="vocab_map"):
+        collate(row, CollateSettings(pad_id=0, max_seq_len=64))
 
 
 def test_map_teacher_topk_moves_mass_onto_student_ids():

@@ -118,11 +118,24 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     check_layout(join(storage, cfg.name), checkpoint_layout(d), cfg.name)
     store = ShardStore(data)
     loop = engine.build_loop_config(d, cfg.name, student=student, teacher=teacher, total_steps=step_plan.total_steps,
-                                    storage=storage, has_val=stats["val"] > 0, max_seq_len=limit)
+                                    storage=storage, has_val=stats["val"] > 0, max_seq_len=limit,
+                                    em_sample=em_sample(cfg, data))
     datasets = engine.build_datasets(store.sample_files(), store.fs, plan.training_columns(d), stats,
                                      drop_over=limit if dropped else None)
     state = engine.fit(d, cfg.name, loop, datasets, storage)
     return {**state, "total_steps": step_plan.total_steps, "rows": stats, "context": context}
+
+
+def em_sample(cfg: PipelineConfig, data: str) -> dict | None:
+    """The held-out prompts for in-training exact match (``distillation.eval_em_samples``), as the
+    workers' ``validation.EmSample``; the checker and budget are the held-out eval's."""
+    d = cfg.distillation
+    if not d.eval_em_samples:
+        return None
+    records = [{k: r[k] for k in ("messages", "reference", "answer")} for r in eval_records(data, d.eval_em_samples)]
+    return {"records": records, "checker": d.eval.checker or cfg.generation.preprocess.checker,
+            "max_new_tokens": d.eval.max_new_tokens or cfg.generation.sampling.max_new_tokens,
+            "batch_size": d.eval.batch_size}
 
 
 def eval_records(data: str, limit: int | None = None) -> list[dict]:
@@ -199,6 +212,8 @@ def _summary(cfg: PipelineConfig, state: dict, report: dict, curves: dict, serve
         "restarts": state["attempt"],
         "restored_from_steps": state["restored_from"],
         "merged": state["final"]["merged"],
+        "merged_step": final.get("merged_step", state["step"]),
+        "early_stopping": final.get("early_stopping"),
         "served": served,
         "released": report["gate"]["passed"],
         "checkpoint": state["checkpoint"],

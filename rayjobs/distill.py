@@ -98,7 +98,11 @@ def train(cfg: PipelineConfig, log=print) -> dict:
 
     d = cfg.distillation
     data = engine.absolute(resolve_ref(d.data))
-    plan.check_teacher_signal(d, ShardStore(data).read_manifest())
+    manifest = ShardStore(data).read_manifest()
+    plan.check_teacher_signal(d, manifest)
+    teacher_warning = plan.teacher_warning(d, manifest)
+    if teacher_warning:
+        log(f"distill: warning: {teacher_warning}")
     student = engine.absolute(resolve_ref(d.student))
     teacher = engine.absolute(resolve_ref(d.teacher.model)) if d.online_teacher or d.service_teacher else None
     ray_init(cfg.cluster)
@@ -123,7 +127,8 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     datasets = engine.build_datasets(store.sample_files(), store.fs, plan.training_columns(d), stats,
                                      drop_over=limit if dropped else None)
     state = engine.fit(d, cfg.name, loop, datasets, storage)
-    return {**state, "total_steps": step_plan.total_steps, "rows": stats, "context": context}
+    return {**state, "total_steps": step_plan.total_steps, "rows": stats, "context": context,
+            "teacher_warning": teacher_warning}
 
 
 def em_sample(cfg: PipelineConfig, data: str) -> dict | None:
@@ -223,6 +228,7 @@ def _summary(cfg: PipelineConfig, state: dict, report: dict, curves: dict, serve
         "teacher_agreement": report.get("teacher_agreement"),
         "loss_kind": cfg.distillation.loss.kind,
         "context": state["context"],
+        "teacher_warning": state.get("teacher_warning"),
         "eval_report": eval_path,
         "gate": report["gate"],
     }

@@ -23,9 +23,11 @@ import time
 from cluster.connect import ray_init, require_shared
 from cluster.model_refs import read_model_file
 from cluster.storage import join, release, write_json
+from datasets_pipeline.diagnostics import one_hot_warning, summarize
 from rayjobs.config import DISTILL_DIGEST_EXCLUDE, PipelineConfig
 from rayjobs.distillation import engine, plan
 from rayjobs.distillation.checkpoints import check_layout, checkpoint_layout
+from rayjobs.distillation.config import DistillationConfig
 from rayjobs.entry import run_job
 from rayjobs.refs import resolve_ref
 
@@ -78,6 +80,15 @@ def check_shards_tokenizer(data: str, student: str) -> None:
         plan.check_student_tokenizer(recorded, student, student_hash, data)
 
 
+def teacher_warning(d: DistillationConfig, manifest: dict | None) -> str | None:
+    """Logit KD over a teacher whose stored top-k are >= 99% near one-hot: a warning, never a refusal
+    (it trains, but as data distillation would). From the manifest's ``teacher_diagnostics``, or
+    its summed statistics for manifests written before them."""
+    if d.loss.kind != "logit" or not manifest:
+        return None
+    return one_hot_warning(manifest.get("teacher_diagnostics") or summarize(manifest.get("stats") or {}))
+
+
 def _log_plan(log, d, step_plan, stats: dict[str, int], context: dict) -> None:
     log(f"distill: {step_plan.rows} train rows, {stats['val']} val rows; {step_plan.total_steps} optimizer steps "
         f"({step_plan.micro_batches_per_epoch} micro-batches per worker-epoch, {d.scaling.num_workers} workers)")
@@ -100,9 +111,9 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     data = engine.absolute(resolve_ref(d.data))
     manifest = ShardStore(data).read_manifest()
     plan.check_teacher_signal(d, manifest)
-    teacher_warning = plan.teacher_warning(d, manifest)
-    if teacher_warning:
-        log(f"distill: warning: {teacher_warning}")
+    warning = teacher_warning(d, manifest)
+    if warning:
+        log(f"distill: warning: {warning}")
     student = engine.absolute(resolve_ref(d.student))
     teacher = engine.absolute(resolve_ref(d.teacher.model)) if d.online_teacher or d.service_teacher else None
     ray_init(cfg.cluster)
@@ -128,7 +139,7 @@ def train(cfg: PipelineConfig, log=print) -> dict:
                                      drop_over=limit if dropped else None)
     state = engine.fit(d, cfg.name, loop, datasets, storage)
     return {**state, "total_steps": step_plan.total_steps, "rows": stats, "context": context,
-            "teacher_warning": teacher_warning}
+            "teacher_warning": warning}
 
 
 def em_sample(cfg: PipelineConfig, data: str) -> dict | None:

@@ -259,6 +259,26 @@ class EarlyStoppingConfig(StrictModel):
         return "max" if self.metric == "val_em" else "min"
 
 
+class StudentInitConfig(StrictModel):
+    """A student derived from the teacher's own weights (rayjobs/distillation/student_init.py), built by
+    `raystill student init` or by `raystill distill` when ``output`` holds no model yet."""
+
+    teacher: str | None = Field(None, description="Model to derive from; default: distillation.teacher.model, "
+                                "else generation.teacher. Same architecture family as the student it makes.")
+    output: str = Field(description="Local directory the student is written to; distillation.student names it.")
+    every_nth: int | None = Field(None, ge=1, description="Keep teacher blocks 0, n, 2n, ... (default 2).")
+    layers: list[int] | None = Field(None, min_length=1, description="Teacher blocks to keep (0-based); "
+                                     "instead of every_nth.")
+    mlp_keep: float | None = Field(None, gt=0.0, le=1.0, description="Keep this share of each kept block's MLP "
+                                   "channels, those of largest weight magnitude; null: the full width.")
+
+    @model_validator(mode="after")
+    def _one_layer_rule(self):
+        if self.layers and self.every_nth:
+            raise ValueError("set student_init.layers or student_init.every_nth, not both")
+        return self
+
+
 class DistillationConfig(StrictModel):
     student: str = Field(description="Student model: local dir, s3:// URI or 'demo:student'.")
     data: Location | None = Field(None, description="Generated shards; defaults to generation.output.")
@@ -287,6 +307,9 @@ class DistillationConfig(StrictModel):
     eval_em_samples: int = Field(
         0, ge=0, description="With eval_every: greedy exact match on this many held-out prompts at each periodic "
         "evaluation (rank 0 generates; not with ZeRO-3). 0: losses only.")
+    student_init: StudentInitConfig | None = Field(
+        None, description="Derive the student from the teacher (kept blocks, embeddings, norms, head; optionally "
+        "narrower MLPs) into student_init.output, which distillation.student must name.")
     early_stopping: EarlyStoppingConfig | None = Field(
         None, description="Stop when the periodic evaluation's metric stops improving; the best evaluated step "
         "is merged and exported. Needs eval_every and val rows.")
@@ -300,6 +323,13 @@ class DistillationConfig(StrictModel):
     def online_teacher(self) -> bool:
         """Whether the training workers run the teacher (feature KD, or logit KD with source 'online')."""
         return self.loss.kind == "feature" or (self.loss.kind == "logit" and self.teacher.source == "online")
+
+    @model_validator(mode="after")
+    def _student_is_the_initialized_one(self):
+        if self.student_init and self.student != self.student_init.output:
+            raise ValueError(f"distillation.student ({self.student!r}) must name distillation.student_init.output "
+                             f"({self.student_init.output!r}), the student it builds")
+        return self
 
     @model_validator(mode="after")
     def _periodic_eval_settings(self):

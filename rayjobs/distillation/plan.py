@@ -87,17 +87,6 @@ def check_teacher_signal(d: DistillationConfig, manifest: dict | None) -> None:
         raise ConfigError(f"{SUPPLIED_UNSCORED} (the shards at {d.data} hold supplied samples without them)")
 
 
-def teacher_warning(d: DistillationConfig, manifest: dict | None) -> str | None:
-    """Logit KD over a teacher whose stored top-k are >= 99% near one-hot: a warning, never a refusal
-    (it trains, but as data distillation would). From the manifest's ``teacher_diagnostics``, or
-    its summed statistics for manifests written before them."""
-    from datasets_pipeline.diagnostics import one_hot_warning, summarize
-
-    if d.loss.kind != "logit" or not manifest:
-        return None
-    return one_hot_warning(manifest.get("teacher_diagnostics") or summarize(manifest.get("stats") or {}))
-
-
 def check_models(d: DistillationConfig, student: dict, teacher: dict) -> None:
     """Online teacher: the layer map must fit both depths (``ConfigError`` naming the field)."""
     from rayjobs.distillation.batch_loss import feature_settings

@@ -67,7 +67,7 @@ def test_diagnostics_none_without_topk():
 
 def test_diagnostics_warn_only_for_logit_kd_over_a_one_hot_teacher():
     from rayjobs.distillation.config import DistillationConfig
-    from rayjobs.distillation.plan import teacher_warning
+    from rayjobs.distill import teacher_warning
 
     sure = shard_stats(_table([_row("train", 2, [[1.0, 0.0]] * 100)]))
     unsure = shard_stats(_table([_row("train", 2, [[1.0, 0.0]] * 98 + [[0.5, 0.5]] * 2)]))

@@ -23,6 +23,7 @@ from datasets_pipeline.config import GenerationConfig
 from datasets_pipeline.engine import engine_stage_kwargs, kv_cache_size, sampling_params
 from datasets_pipeline.shards import Progress, ShardStore
 from datasets_pipeline.stages import SAMPLE_KEYS, InputRejects, PromptStage, StudentStage, SuppliedStage
+from datasets_pipeline.diagnostics import one_hot_warning, summarize
 from datasets_pipeline.stats import SPLITS, total
 from datasets_pipeline.vocab_cache import tokenizer_records
 
@@ -294,6 +295,7 @@ def _finish_manifest(store: ShardStore, cfg: GenerationConfig, totals: Counter, 
         "topk_bytes_per_token": round(total(stats, "topk_bytes") / gen_tokens, 3) if gen_tokens else 0.0,
         "tokenizers": tokenizers,
         "stats": stats,
+        "teacher_diagnostics": summarize(stats),
         "throughput": {
             "wall_s": round(wall, 2),
             "tokens_this_run": tokens_this_run,
@@ -301,6 +303,9 @@ def _finish_manifest(store: ShardStore, cfg: GenerationConfig, totals: Counter, 
         },
     }
     store.write_manifest(manifest)
+    warning = one_hot_warning(manifest["teacher_diagnostics"])
+    if warning:
+        log(f"generation: note: {warning}")
     log(f"generation: done: {manifest['rows']} rows kept, counts {manifest['counts']}, "
         f"{manifest['throughput']['tokens_per_s']} tokens/s, top-k {manifest['topk_bytes_per_token']} B/token")
     return manifest

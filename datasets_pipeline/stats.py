@@ -16,6 +16,7 @@ Statistics are per split (``train``, ``val``)::
                        same tokenizer (teacher_offset >= 0) or a cross-tokenizer alignment
     xtok               of those, the cross-tokenizer ones (teacher_offset < 0, teacher_align non-empty)
     input_lengths      histogram of len(input_ids): {"length": rows}, keys as strings (JSON objects)
+    teacher_*          the teacher's certainty over the stored top-k (datasets_pipeline.diagnostics)
 
 Pure: pyarrow only, no Ray, so it runs on the driver as a shard is written and in unit tests.
 """
@@ -27,6 +28,8 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from datasets_pipeline.diagnostics import teacher_stats
 
 COLUMNS = ("split", "teacher_token_ids", "topk_k", "topk_ids", "topk_logprobs", "teacher_offset",
            "teacher_align", "input_ids")
@@ -56,6 +59,7 @@ def _split_stats(table: pa.Table) -> dict:
         "with_teacher_topk": _total(pc.cast(usable, pa.int64())),
         "xtok": _total(pc.cast(pc.and_(has_topk, xtok), pa.int64())),
         "input_lengths": {str(v["values"]): v["counts"] for v in sorted(lengths, key=lambda v: v["values"])},
+        **teacher_stats(table),
     }
 
 

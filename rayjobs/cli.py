@@ -76,8 +76,13 @@ def _cmd_config_validate(args) -> int:
 
 
 def _checked(args, command: str):
-    """The config of a command that runs something, after its preflight passed."""
+    """The config of a command that runs something, after its preflight passed (a student derived
+    from the teacher, ``distillation.student_init``, is built first: the preflight checks it)."""
     cfg = load_config(args.config, args.overrides)
+    if command in ("generate", "distill", "run"):
+        from rayjobs.student import ensure
+
+        ensure(cfg)
     run_preflight(cfg, args.config, command)
     return cfg
 
@@ -108,6 +113,12 @@ def _cmd_teacher_serve(args) -> int:
 
     run(_checked(args, "teacher"))
     return 0
+
+
+def _cmd_student_init(args) -> int:
+    from rayjobs.student import main_init
+
+    return main_init(load_config(args.config, args.overrides))
 
 
 def _cmd_run(args) -> int:
@@ -199,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Ctrl-C stops)", _cmd_teacher_serve)
     _config_command(sub, "distill", "train the student on the generated shards (Ray Train + DeepSpeed), merge, evaluate",
                     _cmd_distill)
+    student = sub.add_parser("student", help="the student model").add_subparsers(dest="action", required=True)
+    _config_command(student, "init", "derive the student from the teacher (distillation.student_init): kept "
+                    "blocks, embeddings, norms and head, optionally narrower MLPs; a plain HF model", _cmd_student_init)
     run = _config_command(sub, "run", "the whole loop: generate, distill, merge, evaluate, serve, query", _cmd_run)
     run.add_argument("--exit", action="store_true", help="exit after the test query instead of serving (DEMO_EXIT=1)")
     run.add_argument("--no-serve", action="store_true", help="stop after evaluation and the gate")

@@ -24,9 +24,11 @@ from cluster.connect import ray_init, require_shared
 from cluster.errors import ConfigError
 from cluster.model_refs import read_model_file
 from cluster.storage import join, release, write_json
+from datasets_pipeline.diagnostics import one_hot_warning, summarize
 from rayjobs.config import DISTILL_DIGEST_EXCLUDE, PipelineConfig
 from rayjobs.distillation import engine, plan
 from rayjobs.distillation.checkpoints import check_layout, checkpoint_layout
+from rayjobs.distillation.config import DistillationConfig
 from rayjobs.entry import run_job
 from rayjobs.refs import resolve_ref
 
@@ -91,6 +93,15 @@ def check_shards_tokenizer(data: str, student: str, teacher_tokenizer: str | Non
             "student ids through it; restore that tokenizer or regenerate the shards")
 
 
+def teacher_warning(d: DistillationConfig, manifest: dict | None) -> str | None:
+    """Logit KD over a teacher whose stored top-k are >= 99% near one-hot: a warning, never a refusal
+    (it trains, but as data distillation would). From the manifest's ``teacher_diagnostics``, or
+    its summed statistics for manifests written before them."""
+    if d.loss.kind != "logit" or not manifest:
+        return None
+    return one_hot_warning(manifest.get("teacher_diagnostics") or summarize(manifest.get("stats") or {}))
+
+
 def _log_plan(log, d, step_plan, stats: dict[str, int], context: dict) -> None:
     log(f"distill: {step_plan.rows} train rows, {stats['val']} val rows; {step_plan.total_steps} optimizer steps "
         f"({step_plan.micro_batches_per_epoch} micro-batches per worker-epoch, {d.scaling.num_workers} workers)")
@@ -114,6 +125,9 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     store = ShardStore(data)
     manifest = store.read_manifest()
     plan.check_teacher_signal(d, manifest)
+    warning = teacher_warning(d, manifest)
+    if warning:
+        log(f"distill: warning: {warning}")
     student = engine.absolute(resolve_ref(d.student))
     teacher = engine.absolute(resolve_ref(d.teacher.model)) if d.online_teacher or d.service_teacher else None
     ray_init(cfg.cluster)
@@ -134,11 +148,24 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     check_layout(join(storage, cfg.name), checkpoint_layout(d), cfg.name)
     loop = engine.build_loop_config(d, cfg.name, student=student, teacher=teacher, total_steps=step_plan.total_steps,
                                     teacher_tokenizer=teacher_tokenizer, storage=storage, has_val=stats["val"] > 0,
-                                    max_seq_len=limit)
+                                    max_seq_len=limit, em_sample=em_sample(cfg, data))
     datasets = engine.build_datasets(store.sample_files(), store.fs, plan.training_columns(d), stats,
                                      drop_over=limit if dropped else None)
     state = engine.fit(d, cfg.name, loop, datasets, storage)
-    return {**state, "total_steps": step_plan.total_steps, "rows": stats, "context": context}
+    return {**state, "total_steps": step_plan.total_steps, "rows": stats, "context": context,
+            "teacher_warning": warning}
+
+
+def em_sample(cfg: PipelineConfig, data: str) -> dict | None:
+    """The held-out prompts for in-training exact match (``distillation.eval_em_samples``), as the
+    workers' ``validation.EmSample``; the checker and budget are the held-out eval's."""
+    d = cfg.distillation
+    if not d.eval_em_samples:
+        return None
+    records = [{k: r[k] for k in ("messages", "reference", "answer")} for r in eval_records(data, d.eval_em_samples)]
+    return {"records": records, "checker": d.eval.checker or cfg.generation.preprocess.checker,
+            "max_new_tokens": d.eval.max_new_tokens or cfg.generation.sampling.max_new_tokens,
+            "batch_size": d.eval.batch_size}
 
 
 def eval_records(data: str, limit: int | None = None) -> list[dict]:
@@ -215,6 +242,8 @@ def _summary(cfg: PipelineConfig, state: dict, report: dict, curves: dict, serve
         "restarts": state["attempt"],
         "restored_from_steps": state["restored_from"],
         "merged": state["final"]["merged"],
+        "merged_step": final.get("merged_step", state["step"]),
+        "early_stopping": final.get("early_stopping"),
         "served": served,
         "released": report["gate"]["passed"],
         "checkpoint": state["checkpoint"],
@@ -224,6 +253,7 @@ def _summary(cfg: PipelineConfig, state: dict, report: dict, curves: dict, serve
         "teacher_agreement": report.get("teacher_agreement"),
         "loss_kind": cfg.distillation.loss.kind,
         "context": state["context"],
+        "teacher_warning": state.get("teacher_warning"),
         "eval_report": eval_path,
         "gate": report["gate"],
     }

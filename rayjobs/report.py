@@ -34,6 +34,38 @@ def _bar_png(title: str, labels: list[str], values: list[float], ylabel: str) ->
     return buf.getvalue()
 
 
+def teacher_png(diagnostics: dict) -> bytes:
+    """The teacher's stored top-k: histograms of per-position entropy and top-1 probability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    for ax, key, width, label in ((axes[0], "entropy_hist", 0.25, "entropy (nats, top-k + rest)"),
+                                  (axes[1], "top1_hist", 0.05, "top-1 probability")):
+        hist = diagnostics.get(key, {})
+        ax.bar([float(e) for e in hist], list(hist.values()), width=width, align="edge", color="#4c72b0")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("positions")
+    fig.suptitle(f"Teacher certainty: {diagnostics.get('near_one_hot_share', 0):.1%} of positions near one-hot")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def teacher_lines(diagnostics: dict) -> list[str]:
+    """The report's teacher-diagnostics table, overall and per split."""
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = [("all", diagnostics), *diagnostics.get("per_split", {}).items()]
+    return ["| split | positions | mean entropy | mean top-1 | near one-hot |", "|---|---:|---:|---:|---:|",
+            *(f"| {name} | {d['positions']} | {fmt(d['mean_entropy'])} | {fmt(d['mean_top1'])} | "
+              f"{fmt(d['near_one_hot_share'])} |" for name, d in rows)]
+
+
 def summary_table(summary: dict) -> str:
     rows = [("teacher EM", summary.get("teacher_em")), ("student EM before", summary.get("student_em_before")),
             ("student EM after", summary.get("student_em_after")),
@@ -72,6 +104,11 @@ def write_report(run_dir: str, summary: dict, config: dict, manifest: dict | Non
         lines += [f"| {k} | {v} |" for k, v in sorted(manifest.get("counts", {}).items())]
         lines += [f"| rows train/val | {manifest['rows']['train']}/{manifest['rows']['val']} |",
                   f"| top-k bytes/token | {manifest.get('topk_bytes_per_token')} |", ""]
+    diagnostics = (manifest or {}).get("teacher_diagnostics")
+    if diagnostics:
+        write_bytes(join(run_dir, "teacher.png"), teacher_png(diagnostics))
+        lines += ["## Teacher diagnostics (stored top-k)", "", *teacher_lines(diagnostics), "",
+                  "![teacher entropy and top-1](teacher.png)", ""]
     lines += ["## Config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     location = join(run_dir, "report.md")
     write_bytes(location, "\n".join(lines).encode())

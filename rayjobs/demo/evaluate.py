@@ -62,3 +62,27 @@ def exact_match(
     model = load_model(model_dir, dtype=torch.float32)
     records = read_prompts_jsonl(heldout_jsonl)[:limit]
     return exact_match_records(model, tokenizer, records, batch_size, max_new_tokens, checker)
+
+
+def heldout_ce(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[dict]) -> float:
+    """Token-mean cross-entropy of the task's reference completions (the teacher's trace format, eos
+    included) after each record's chat prompt; the prompt is not scored. A held-out loss that needs no
+    generation, for comparing starting points (``rayjobs.distillation.student_init``)."""
+    import re
+
+    from datasets_pipeline.targets import render_prompt
+    from rayjobs.demo.task import Problem, assistant_content
+
+    nll, count = 0.0, 0
+    model.eval()
+    for record in records:
+        a, b = map(int, re.search(r"(\d+) \+ (\d+)", _messages(record)[-1]["content"]).groups())
+        prompt = tokenizer(render_prompt(tokenizer, _messages(record)), add_special_tokens=False)["input_ids"]
+        target = tokenizer(assistant_content(Problem(a, b)), add_special_tokens=False)["input_ids"]
+        target = [*target, tokenizer.eos_token_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + target], device=model.device)).logits[0, len(prompt) - 1:-1]
+        nll += float(torch.nn.functional.cross_entropy(logits.float(), torch.tensor(target, device=model.device),
+                                                       reduction="sum"))
+        count += len(target)
+    return nll / count if count else float("nan")

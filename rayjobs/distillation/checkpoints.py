@@ -127,6 +127,10 @@ class TrainerState:
     restored_from: list[int] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     final: dict = field(default_factory=dict)
+    # Early stopping (rayjobs.distillation.early_stopping): the best evaluation so far and where its
+    # weights were exported; the step training stopped at, if it stopped early.
+    best: dict = field(default_factory=dict)
+    stopped_at: int | None = None
 
     def save(self, directory: str) -> None:
         """Compact JSON into the local directory that becomes the checkpoint, beside DeepSpeed's shards.

@@ -238,6 +238,48 @@ class EvalConfig(StrictModel):
         return name
 
 
+class EarlyStoppingConfig(StrictModel):
+    """Stop training when the periodic validation metric stops improving (``distillation.eval_every``).
+
+    The best evaluated step, not the last, is the one merged and exported
+    (``rayjobs/distillation/early_stopping.py``).
+    """
+
+    metric: Literal["val_loss", "val_ce", "val_perplexity", "val_em"] = Field(
+        "val_loss", description="Watched metric, one of the periodic evaluation's: token-mean validation loss, "
+        "cross-entropy, perplexity, or exact match on eval_em_samples held-out prompts.")
+    mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="Whether lower or higher is better; 'auto': max for val_em, min for the others.")
+    patience: int = Field(3, ge=1, description="Evaluations without an improvement before training stops.")
+    min_delta: float = Field(0.0, ge=0.0, description="Least change of the metric that counts as an improvement.")
+
+    @property
+    def direction(self) -> Literal["min", "max"]:
+        if self.mode != "auto":
+            return self.mode
+        return "max" if self.metric == "val_em" else "min"
+
+
+class StudentInitConfig(StrictModel):
+    """A student derived from the teacher's own weights (rayjobs/distillation/student_init.py), built by
+    `raystill student init` or by `raystill distill` when ``output`` holds no model yet."""
+
+    teacher: str | None = Field(None, description="Model to derive from; default: distillation.teacher.model, "
+                                "else generation.teacher. Same architecture family as the student it makes.")
+    output: str = Field(description="Local directory the student is written to; distillation.student names it.")
+    every_nth: int | None = Field(None, ge=1, description="Keep teacher blocks 0, n, 2n, ... (default 2).")
+    layers: list[int] | None = Field(None, min_length=1, description="Teacher blocks to keep (0-based); "
+                                     "instead of every_nth.")
+    mlp_keep: float | None = Field(None, gt=0.0, le=1.0, description="Keep this share of each kept block's MLP "
+                                   "channels, those of largest weight magnitude; null: the full width.")
+
+    @model_validator(mode="after")
+    def _one_layer_rule(self):
+        if self.layers and self.every_nth:
+            raise ValueError("set student_init.layers or student_init.every_nth, not both")
+        return self
+
+
 class DistillationConfig(StrictModel):
     student: str = Field(description="Student model: local dir, s3:// URI or 'demo:student'.")
     data: Location | None = Field(None, description="Generated shards; defaults to generation.output.")
@@ -260,6 +302,18 @@ class DistillationConfig(StrictModel):
     )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    eval_every: int | None = Field(
+        None, ge=1, description="Evaluate on the val split every N optimizer steps inside training (validation "
+        "loss terms, and exact match when eval_em_samples > 0), written to the curves; null: only at the end.")
+    eval_em_samples: int = Field(
+        0, ge=0, description="With eval_every: greedy exact match on this many held-out prompts at each periodic "
+        "evaluation (rank 0 generates; not with ZeRO-3). 0: losses only.")
+    student_init: StudentInitConfig | None = Field(
+        None, description="Derive the student from the teacher (kept blocks, embeddings, norms, head; optionally "
+        "narrower MLPs) into student_init.output, which distillation.student must name.")
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None, description="Stop when the periodic evaluation's metric stops improving; the best evaluated step "
+        "is merged and exported. Needs eval_every and val rows.")
 
     @property
     def service_teacher(self) -> bool:
@@ -270,6 +324,26 @@ class DistillationConfig(StrictModel):
     def online_teacher(self) -> bool:
         """Whether the training workers run the teacher (feature KD, or logit KD with source 'online')."""
         return self.loss.kind == "feature" or (self.loss.kind == "logit" and self.teacher.source == "online")
+
+    @model_validator(mode="after")
+    def _student_is_the_initialized_one(self):
+        if self.student_init and self.student != self.student_init.output:
+            raise ValueError(f"distillation.student ({self.student!r}) must name distillation.student_init.output "
+                             f"({self.student_init.output!r}), the student it builds")
+        return self
+
+    @model_validator(mode="after")
+    def _periodic_eval_settings(self):
+        if self.early_stopping and not self.eval_every:
+            raise ValueError("distillation.early_stopping needs distillation.eval_every (the evaluations it watches)")
+        if self.eval_em_samples and not self.eval_every:
+            raise ValueError("distillation.eval_em_samples needs distillation.eval_every")
+        if self.early_stopping and self.early_stopping.metric == "val_em" and not self.eval_em_samples:
+            raise ValueError("distillation.early_stopping.metric 'val_em' needs distillation.eval_em_samples > 0")
+        if self.eval_em_samples and self.deepspeed.zero_stage == 3:
+            raise ValueError("distillation.eval_em_samples is not supported with deepspeed.zero_stage 3 (rank 0 "
+                             "generates with the full weights); set eval_em_samples: 0 or zero_stage <= 2")
+        return self
 
     @model_validator(mode="after")
     def _online_teacher_unpacked(self):

@@ -4,8 +4,10 @@ Rows are plain dicts written by the train loop's rank 0: ``step`` (1-based optim
 ``loss``, ``ce``, ``kd`` (token means over the step's micro-batches), ``lr`` (the LR of the
 base group for that update), ``tokens``, ``tokens_per_s``, ``peak_mem_mib`` (rank 0's peak memory
 so far: GPU allocations, or peak RSS on CPU), ``epoch`` and ``attempt`` (0 for the
-first start, +1 for each restart from a checkpoint). Writing goes through ``cluster.storage``,
-so the output may be local or s3://.
+first start, +1 for each restart from a checkpoint). Rows of the steps a periodic evaluation ran at
+(``distillation.eval_every``) also hold ``val_loss``, ``val_ce``, ``val_kd``, ``val_perplexity``
+and, with ``eval_em_samples``, ``val_em`` and ``val_teacher_agreement``. Writing goes through
+``cluster.storage``, so the output may be local or s3://.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def render_png(rows: Sequence[dict], title: str = "") -> bytes:
         values = [r.get(key) for r in rows]
         if any(v for v in values):
             ax_loss.plot(steps, values, label=key, linewidth=1.2)
+    _plot_validation(ax_loss, rows)
     ax_loss.set_ylabel("loss (token mean)")
     ax_loss.legend(loc="upper right")
     ax_loss.grid(alpha=0.3)
@@ -47,6 +50,23 @@ def render_png(rows: Sequence[dict], title: str = "") -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _plot_validation(ax, rows: Sequence[dict]) -> None:
+    """The periodic evaluations as markers: validation loss on the loss axis, EM on its own right axis."""
+    evals = [r for r in rows if r.get("val_loss") is not None]
+    if not evals:
+        return
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="black", markersize=3,
+            linewidth=0.8, label="val_loss")
+    em = [r for r in evals if r.get("val_em") is not None]
+    if em:
+        ax_em = ax.twinx()
+        ax_em.plot([r["step"] for r in em], [r["val_em"] for r in em], "s--", color="tab:green", markersize=3,
+                   linewidth=0.8, label="val_em")
+        ax_em.set_ylabel("val exact match")
+        ax_em.set_ylim(0, 1.05)
+        ax_em.legend(loc="center right")
 
 
 def write_curves(rows: Sequence[dict], jsonl_location: str, png_location: str, title: str = "") -> None:

@@ -52,11 +52,12 @@ def candidate_location(d: DistillationConfig, run_name: str) -> str:
 
 def build_loop_config(d: DistillationConfig, run_name: str, *, student: str, teacher: str | None,
                       total_steps: int, storage: str, has_val: bool, max_seq_len: int,
-                      teacher_tokenizer: str | None = None) -> dict:
+                      teacher_tokenizer: str | None = None, em_sample: dict | None = None) -> dict:
     """What every worker gets: the stage config, resolved paths and the step plan.
 
     ``teacher``: the online or service teacher; ``teacher_tokenizer``: the tokenizer of stored
-    cross-tokenizer top-k ids (``plan.stored_teacher_tokenizer``), tokenizer files only.
+    cross-tokenizer top-k ids (``plan.stored_teacher_tokenizer``), tokenizer files only;
+    ``em_sample``: ``validation.EmSample``'s fields, for exact match at each periodic evaluation.
     """
     loop = {
         "distillation": d.model_dump(mode="json"),
@@ -68,6 +69,7 @@ def build_loop_config(d: DistillationConfig, run_name: str, *, student: str, tea
         "merged_location": candidate_location(d, run_name),
         "run_dir": join(storage, run_name),
         "has_val": has_val,
+        "em_sample": em_sample,
     }
     crash_at = os.environ.get(CRASH_ENV)
     if crash_at:

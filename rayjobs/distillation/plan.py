@@ -69,6 +69,9 @@ def check_supported(d: DistillationConfig, stats: dict[str, int] | None = None) 
         return
     if not stats["train"]:
         raise ConfigError(f"no 'train' rows in the committed shards at {d.data}")
+    if d.early_stopping and not stats["val"]:
+        raise ConfigError(f"distillation.early_stopping watches the 'val' split, and the shards at {d.data} have "
+                          "none: generate with generation.preprocess.val_fraction > 0, or remove early_stopping")
     if d.loss.kind == "logit" and d.teacher.source == "stored" and not stats["with_teacher_topk"]:
         raise ConfigError("distillation.loss.kind='logit' needs stored teacher top-k at the student's positions, and "
                           "no row has it: generate with generation.sampling.logprobs_topk > 0 and preprocess.reasoning "

@@ -15,7 +15,6 @@ to the checkpoints makes the restarted attempt carry on. Tests use it to exercis
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -25,12 +24,13 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from cluster.storage import filesystem, is_s3, localize, read_bytes, write_bytes
-from rayjobs.distillation import batch_loss
+from rayjobs.distillation import batch_loss, early_stopping
 from rayjobs.distillation.deepspeed_config import build_deepspeed_config
 from rayjobs.distillation.config import DistillationConfig
 from rayjobs.distillation.feature_losses import DistillModule
 from rayjobs.distillation.schedule import make_lr_lambda, param_groups
 from rayjobs.distillation.checkpoints import Checkpointer, TrainerState, restore
+from rayjobs.distillation.validation import EmSample, all_reduce_sum, generation_model, val_loss_metrics
 
 
 class RayCollate(NumpyBatchCollateFn):
@@ -73,16 +73,6 @@ def count_layers(model) -> int:
     """Transformer blocks of the (possibly peft-wrapped) model, for layer-wise LR decay."""
     config = getattr(model, "config", None) or model.get_base_model().config
     return int(getattr(config, "num_hidden_layers", 0) or 0)
-
-
-def _all_reduce_sum(values: list[float], world: int) -> list[float]:
-    if world == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def _gathered_state_dict(engine, zero_stage: int, rank: int) -> dict | None:
@@ -131,27 +121,6 @@ def _crash_hook(config: dict, step: int, rank: int) -> None:
     os._exit(1)
 
 
-def _val_metrics(engine, loss: batch_loss.BatchLoss, collate_fn, batch_size: int, world: int, step: int) -> dict:
-    """Token-weighted validation loss over every rank's ``val`` shard, at the schedule of update ``step``."""
-    import ray.train
-
-    shard = ray.train.get_dataset_shard("val")
-    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # total*n, ce*n, kd*n_kd, n, n_kd
-    engine.eval()
-    with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate_fn):
-            out = loss(engine, batch, step)
-            n, n_kd = float(out.num_tokens), float(out.num_kd_tokens)
-            sums = [sums[0] + float(out.total) * n, sums[1] + float(out.ce) * n,
-                    sums[2] + float(out.kd) * n_kd, sums[3] + n, sums[4] + n_kd]
-    engine.train()
-    total, ce, kd, n, n_kd = _all_reduce_sum(sums, world)
-    if n == 0:
-        return {}
-    return {"val_loss": total / n, "val_ce": ce / n, "val_kd": kd / n_kd if n_kd else 0.0,
-            "val_perplexity": math.exp(min(ce / n, 50.0)), "val_tokens": int(n)}
-
-
 def _build_engine(cfg: DistillationConfig, student_dir: str, total_steps: int, world: int,
                   parts: batch_loss.WorkerLoss):
     """``(engine, lr_lambda)``: the student (with the feature projections, if any), our AdamW
@@ -197,7 +166,7 @@ class _StepMeter:
         self.tokens += num_tokens
 
     def row(self, state: TrainerState, lr: float, world: int, micro_per_step: int) -> dict:
-        *losses, tokens = _all_reduce_sum([*self.losses.tolist(), float(self.tokens)], world)
+        *losses, tokens = all_reduce_sum([*self.losses.tolist(), float(self.tokens)], world)
         n = micro_per_step * world
         elapsed = time.perf_counter() - self.start
         return {"step": state.step, "epoch": state.epoch, "attempt": state.attempt,
@@ -229,9 +198,56 @@ class _Worker:
     loss: batch_loss.BatchLoss
     collate_fn: RayCollate
     progress: object  # () -> dict of teacher-side curve columns (batch_loss.WorkerLoss.progress)
+    tokenizer: object
+    em_sample: EmSample | None = None
 
     def __post_init__(self):
         self.checkpointer = Checkpointer(self.engine, self.state, self.rank, self.world, self.config["run_dir"])
+
+    def evaluate(self) -> dict:
+        """Validation loss terms (and exact match on the EM sample) now; every rank gets the same numbers."""
+        metrics = val_loss_metrics(self.engine, self.loss, self.collate_fn, self.cfg.optim.micro_batch_size,
+                                   self.world, max(self.state.step - 1, 0))
+        if self.em_sample is not None:
+            metrics.update(self.em_sample.metrics(generation_model(self.engine), self.tokenizer, self.rank,
+                                                  self.world))
+        return metrics
+
+    def export(self) -> str:
+        """The merged student as it is now, at this training's candidate location (collective under ZeRO-3)."""
+        location = self.config["merged_location"]
+        weights = _gathered_state_dict(self.engine, self.cfg.deepspeed.zero_stage, self.rank)
+        if self.rank == 0:
+            publish_merged(weights, self.student_dir, self.cfg, location)
+        return location
+
+    def watch(self, metrics: dict) -> None:
+        """Early stopping's bookkeeping after an evaluation at the current step: export an improvement,
+        mark the run stopped after ``patience`` evaluations without one."""
+        state, rule = self.state, self.cfg.early_stopping
+        if rule is None or early_stopping.evaluated_at(state.best, state.step):
+            return
+        state.best, improved = early_stopping.record_eval(state.best, state.step, metrics, rule)
+        if improved:
+            state.best["location"] = self.export()
+        if early_stopping.should_stop(state.best, rule) and state.stopped_at is None:
+            state.stopped_at = state.step
+            if self.rank == 0:
+                print(f"distill: early stopping at step {state.step}: {rule.metric} did not improve by more than "
+                      f"{rule.min_delta} in {rule.patience} evaluations; best step {state.best.get('step')} "
+                      f"({rule.metric} {state.best.get('value')})", flush=True)
+
+    def periodic_eval(self, row: dict) -> None:
+        """``eval_every``: evaluate, add the metrics to this step's curve row, feed early stopping."""
+        every = self.cfg.eval_every
+        if not every or self.state.step % every or not self.config["has_val"]:
+            return
+        metrics = self.evaluate()
+        row.update(metrics)
+        self.watch(metrics)
+        if self.rank == 0:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"distill: eval at step {self.state.step}: {shown}", flush=True)
 
     def train(self, shard, total_steps: int) -> None:
         cfg, state, engine = self.cfg, self.state, self.engine
@@ -239,7 +255,7 @@ class _Worker:
         micro = 0
         meter = _StepMeter(self.loss.terms)
         engine.train()
-        while state.step < total_steps:
+        while state.step < total_steps and state.stopped_at is None:
             seen = 0
             for batch in shard.iter_torch_batches(
                 batch_size=cfg.optim.micro_batch_size,
@@ -265,6 +281,7 @@ class _Worker:
                 row = meter.row(state, base_lr * self.lr_lambda(state.step - 1), self.world, ga)
                 row.update(self.loss.schedule_row(state.step - 1))
                 row.update(self.progress())
+                self.periodic_eval(row)
                 state.tokens += row["tokens"]
                 if self.rank == 0:
                     state.history.append(row)
@@ -273,7 +290,7 @@ class _Worker:
                     self.checkpointer.save({"step": state.step, "loss": row["loss"]}, f"step_{state.step:08d}")
                 _crash_hook(self.config, state.step, self.rank)
                 meter = _StepMeter(self.loss.terms)  # checkpoint time stays out of the next step's time
-                if state.step >= total_steps:
+                if state.step >= total_steps or state.stopped_at is not None:
                     break
             else:
                 if seen == 0:
@@ -288,12 +305,16 @@ class _Worker:
         if state.history:
             metrics.update({k: state.history[-1][k] for k in self.loss.terms})
         if self.config["has_val"]:
-            metrics.update(_val_metrics(self.engine, self.loss, self.collate_fn, self.cfg.optim.micro_batch_size,
-                                        self.world, max(state.step - 1, 0)))
-        weights = _gathered_state_dict(self.engine, self.cfg.deepspeed.zero_stage, self.rank)
-        if self.rank == 0:
-            publish_merged(weights, self.student_dir, self.cfg, self.config["merged_location"])
-            metrics["merged"] = self.config["merged_location"]
+            metrics.update(self.evaluate())
+        if self.cfg.early_stopping is None:
+            metrics.update(merged=self.export(), merged_step=state.step)
+        else:
+            self.watch(metrics)  # the last step counts as an evaluation: it may be the best
+            if "location" not in state.best:  # no evaluation had a finite metric: the last step ships
+                state.best.update(location=self.export(), step=state.step)
+            metrics.update(merged=state.best["location"], merged_step=state.best["step"],
+                           early_stopping=early_stopping.summary(state.best, state.stopped_at,
+                                                                 int(self.config["total_steps"])))
         state.final = metrics
         self.checkpointer.save(metrics, f"final_{state.step:08d}_a{state.attempt}")
 
@@ -325,7 +346,8 @@ def train_loop_per_worker(config: dict) -> None:
     worker = _Worker(
         config=config, cfg=cfg, rank=ctx.get_world_rank(), world=ctx.get_world_size(), student_dir=student_dir,
         engine=engine, lr_lambda=lr_lambda, state=restore(engine, TrainerState(), config["run_dir"]),
-        loss=parts.loss, collate_fn=RayCollate(parts.collate), progress=parts.progress,
+        loss=parts.loss, collate_fn=RayCollate(parts.collate), progress=parts.progress, tokenizer=tokenizer,
+        em_sample=EmSample(**config["em_sample"]) if config.get("em_sample") else None,
     )
     worker.train(ray.train.get_dataset_shard("train"), total_steps)
     worker.finish()

@@ -23,6 +23,7 @@ class StepPlan:
     rows_per_worker: int
     micro_batches_per_epoch: int
     total_steps: int
+    steps_per_epoch: float = 0.0  # optimizer steps per pass over a worker's shard (temperature phases in epochs)
 
 
 def plan_steps(train_rows: int, optim: OptimConfig, num_workers: int) -> StepPlan:
@@ -36,7 +37,7 @@ def plan_steps(train_rows: int, optim: OptimConfig, num_workers: int) -> StepPla
         raise ValueError(f"{train_rows} training rows cannot feed {num_workers} workers")
     micro = math.ceil(per_worker / optim.micro_batch_size)
     total = optim.max_steps or max(1, math.ceil(optim.epochs * micro / optim.grad_accum))
-    return StepPlan(train_rows, per_worker, micro, total)
+    return StepPlan(train_rows, per_worker, micro, total, micro / optim.grad_accum)
 
 
 def context_limit(d: DistillationConfig, student: dict) -> int:

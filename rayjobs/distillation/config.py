@@ -190,8 +190,10 @@ class OptimConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to norms and biases).")
     schedule: Literal["linear", "cosine", "constant"] = Field(
         "cosine", description="Learning-rate decay after warm-up, until the last step (constant: none).")
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of the steps spent warming the LR up from 0.")
-    warmup_steps: int | None = Field(None, ge=0, description="Warm-up length in optimizer steps; replaces warmup_ratio.")
+    warmup_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Share of the steps spent warming the LR up from 0; default 0.05 "
+        "(when warmup_steps is unset).")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up length in optimizer steps, instead of warmup_ratio.")
     layerwise_lr_decay: float | None = Field(
         None, gt=0.0, le=1.0, description="Each block's LR is this times the block above's (top block and head at "
         "lr); unset: one LR for all.")
@@ -205,11 +207,19 @@ class OptimConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_warmup(self):
-        if self.warmup_steps is not None and "warmup_ratio" in self.model_fields_set:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("optim.warmup_steps and optim.warmup_ratio both set: warm-up is one or the other")
         if self.warmup_steps is not None and self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(f"optim.warmup_steps ({self.warmup_steps}) must be below optim.max_steps ({self.max_steps})")
         return self
+
+    def warmup(self, total_steps: int) -> int:
+        """Warm-up steps of a run of ``total_steps``: ``warmup_steps``, else ``warmup_ratio`` (0.05) of the run."""
+        from rayjobs.distillation.schedule import warmup_steps
+
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return warmup_steps(total_steps, 0.05 if self.warmup_ratio is None else self.warmup_ratio)
 
 
 class DeepSpeedConfig(StrictModel):

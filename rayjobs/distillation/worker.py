@@ -170,7 +170,7 @@ def _build_engine(cfg: DistillationConfig, student_dir: str, total_steps: int, w
     if parts.trained_heads:
         model = DistillModule(model, parts.projector, parts.contrastive)
     optimizer = build_optimizer(model, cfg, num_layers)
-    lr_lambda = make_lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_ratio, warmup=cfg.optim.warmup_steps)
+    lr_lambda = make_lr_lambda(cfg.optim.schedule, total_steps, 0.0, warmup=cfg.optim.warmup(total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

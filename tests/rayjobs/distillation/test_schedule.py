@@ -149,7 +149,10 @@ def test_warmup_in_steps_replaces_the_ratio():
 def test_warmup_steps_and_ratio_are_one_or_the_other():
     from rayjobs.distillation.config import OptimConfig
 
-    assert OptimConfig(warmup_steps=10).warmup_steps == 10
+    assert OptimConfig(warmup_steps=10).warmup(1000) == 10
+    assert OptimConfig().warmup(100) == 5 and OptimConfig(warmup_ratio=0.2).warmup(100) == 20  # default 0.05
+    # What the workers get is the dumped config: it must validate again.
+    assert OptimConfig.model_validate(OptimConfig(warmup_steps=10).model_dump(mode="json")).warmup(1000) == 10
     with pytest.raises(ValueError, match="warmup_steps and optim.warmup_ratio both set"):
         OptimConfig(warmup_steps=10, warmup_ratio=0.1)
     with pytest.raises(ValueError, match="must be below optim.max_steps"):

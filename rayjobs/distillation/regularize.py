@@ -14,6 +14,8 @@ from torch import nn
 
 # HF config names of the attention-probability dropout, by architecture family.
 ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+# Attribute names of the transformer-block list (Llama/Qwen2 ``model.layers``, GPT-2 ``transformer.h``).
+BLOCK_LIST_NAMES = ("layers", "h", "blocks", "block")
 
 
 def feature_noise(hidden: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -44,11 +46,14 @@ def attention_dropout_kwargs(config, p: float) -> dict[str, float]:
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks: the largest ``ModuleList`` (``model.layers``, ``transformer.h``...)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError("distillation.dropout.hidden: the student has no list of transformer blocks")
-    return max(lists, key=len)
+    """The transformer blocks: the ``ModuleList`` named like HF decoders name them (``model.layers``,
+    ``transformer.h``, ``blocks``), the same names ``schedule.layer_id`` reads block indices from."""
+    lists = [m for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES]
+    if len(lists) != 1:
+        raise ValueError(f"distillation.dropout.hidden: found {len(lists)} block lists named one of "
+                         f"{list(BLOCK_LIST_NAMES)} in the student, need exactly one")
+    return lists[0]
 
 
 def add_hidden_dropout(model: nn.Module, p: float) -> int:

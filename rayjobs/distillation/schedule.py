@@ -87,6 +87,9 @@ def phase_temperature(step: int, phases: Sequence[Any], steps_per_epoch: float) 
         if phase.until_step is not None:
             end = phase.until_step
         elif phase.until_epoch is not None:
+            if steps_per_epoch <= 0:
+                raise ValueError("schedule.temperatures ends a phase in epochs but the run's steps per epoch "
+                                 "are unknown")
             end = round(phase.until_epoch * steps_per_epoch)
         else:
             return phase.temperature

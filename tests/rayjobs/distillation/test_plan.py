@@ -23,6 +23,7 @@ def test_plan_steps_from_epochs():
     assert plan.rows_per_worker == 50
     assert plan.micro_batches_per_epoch == 7  # last one short
     assert plan.total_steps == 6  # ceil(1.5 * 7 / 2)
+    assert plan.steps_per_epoch == 3.5  # what temperature phases in epochs count in
 
 
 def test_plan_steps_max_steps_wins():

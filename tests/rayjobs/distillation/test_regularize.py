@@ -69,3 +69,12 @@ def test_feature_noise_dropout_acts_in_training_only():
         model.train()
         first, second = model(ids).logits, model(ids).logits
     assert not torch.equal(first, second) and not torch.equal(first, plain(ids).logits)
+
+
+def test_feature_noise_dropout_hidden_hooks_the_named_block_list():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    assert add_hidden_dropout(gpt2, 0.1) == 3
+    with pytest.raises(ValueError, match="distillation.dropout.hidden: found 0 block lists"):
+        add_hidden_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2)), 0.1)

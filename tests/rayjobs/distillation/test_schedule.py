@@ -191,3 +191,8 @@ def test_progressive_start_steps_lowest_student_layer_first():
     assert active_pairs(5, (0, 5, 10), 3) == (True, True, False)
     assert active_pairs(99, (0, 5, 10), 3) == (True, True, True)
     assert active_pairs(0, None, 2) == (True, True)
+
+
+def test_temperature_phases_in_epochs_need_the_plans_steps_per_epoch():
+    with pytest.raises(ValueError, match="steps per epoch"):
+        phase_temperature(0, _phases({"until_epoch": 1, "temperature": 2.0}, {"temperature": 1.0}), 0.0)

@@ -39,7 +39,7 @@ class FeatureConfig(StrictModel):
         0.0, ge=0.0, description="Weight of the head-averaged attention-map KL (stage 2); > 0 runs both models "
         "with eager attention.")
     progressive: ProgressiveLayers | None = Field(
-        None, description="Layer pairs join the hidden-state loss by step, lower layers first; null: all from the start.")
+        None, description="Layer pairs join the feature losses by step, lower layers first; null: all from the start.")
     noise: FeatureNoise | None = Field(None, description="Gaussian noise on the student's hidden states in the "
                                        "feature loss, training only; null: none.")
 
@@ -193,7 +193,7 @@ class OptimConfig(StrictModel):
     warmup_ratio: float | None = Field(
         None, ge=0.0, lt=1.0, description="Share of the steps spent warming the LR up from 0; default 0.05 "
         "(when warmup_steps is unset).")
-    warmup_steps: int | None = Field(None, ge=0, description="Warm-up length in optimizer steps, instead of warmup_ratio.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up in optimizer steps (not with warmup_ratio).")
     layerwise_lr_decay: float | None = Field(
         None, gt=0.0, le=1.0, description="Each block's LR is this times the block above's (top block and head at "
         "lr); unset: one LR for all.")
@@ -210,7 +210,8 @@ class OptimConfig(StrictModel):
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("optim.warmup_steps and optim.warmup_ratio both set: warm-up is one or the other")
         if self.warmup_steps is not None and self.max_steps is not None and self.warmup_steps >= self.max_steps:
-            raise ValueError(f"optim.warmup_steps ({self.warmup_steps}) must be below optim.max_steps ({self.max_steps})")
+            raise ValueError(f"optim.warmup_steps ({self.warmup_steps}) must be below optim.max_steps "
+                             f"({self.max_steps})")
         return self
 
     def warmup(self, total_steps: int) -> int:

@@ -85,7 +85,8 @@ class FeatureProjector(nn.Module):
 
 
 class DistillModule(nn.Module):
-    """The student plus the projections (feature and/or contrastive), as one module for DeepSpeed (one optimizer, one checkpoint).
+    """The student plus the projections (feature and/or contrastive), as one module for DeepSpeed (one
+    optimizer, one checkpoint).
 
     ``forward`` is the student's. ``student_state_dict`` is what the merge exports: the student's
     keys only, with this wrapper's prefix removed.
@@ -122,8 +123,9 @@ class FeatureSettings:
     def __post_init__(self):
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_loss must be one of {HIDDEN_LOSSES}, got {self.hidden_loss!r}")
-        if self.start_steps is not None and len(self.start_steps) != len(self.pairs):
-            raise ValueError(f"{len(self.start_steps)} start steps for {len(self.pairs)} layer pairs")
+        if self.start_steps is not None and (len(self.start_steps) != len(self.pairs) or min(self.start_steps) != 0):
+            raise ValueError(f"start steps {self.start_steps} for {len(self.pairs)} layer pairs: one per pair, "
+                             "and one pair from step 0")
 
     def active(self, step: int) -> tuple[bool, ...]:
         """Which pairs the feature losses count at update ``step + 1``."""

@@ -86,9 +86,17 @@ def check_teacher_signal(d: DistillationConfig, manifest: dict | None) -> None:
 
 
 def check_models(d: DistillationConfig, student: dict, teacher: dict) -> None:
-    """Online teacher: the layer map must fit both depths (``ConfigError`` naming the field)."""
+    """Online teacher: the layer map and the contrastive layers must fit both depths (``ConfigError``
+    naming the field)."""
     from rayjobs.distillation.batch_loss import feature_settings
 
+    c = d.loss.contrastive
+    for name, index, model in (("student_layer", c.student_layer, student),
+                               ("teacher_layer", c.teacher_layer, teacher)):
+        states = model["num_hidden_layers"] + 1
+        if c.weight and not -states <= index < states:
+            raise ConfigError(f"distillation.loss.contrastive.{name} {index} is outside the {states} hidden states "
+                              f"(0..{states - 1}, or negative from the last)")
     if d.loss.kind != "feature":
         return
     try:

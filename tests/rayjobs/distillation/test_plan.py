@@ -48,6 +48,17 @@ def test_layer_map_is_checked_against_both_models():
     check_models(_d(loss={"kind": "feature"}), {"num_hidden_layers": 2}, {"num_hidden_layers": 4})
 
 
+def test_contrastive_layers_are_checked_against_both_models():
+    def d(**layers):
+        return _d(loss={"kind": "feature", "contrastive": {"weight": 0.1, **layers}})
+
+    check_models(d(student_layer=2, teacher_layer=-5), {"num_hidden_layers": 2}, {"num_hidden_layers": 4})
+    with pytest.raises(ConfigError, match="contrastive.student_layer 3 is outside the 3 hidden states"):
+        check_models(d(student_layer=3), {"num_hidden_layers": 2}, {"num_hidden_layers": 4})
+    with pytest.raises(ConfigError, match="contrastive.teacher_layer -6"):
+        check_models(d(teacher_layer=-6), {"num_hidden_layers": 2}, {"num_hidden_layers": 4})
+
+
 def test_context_report_counts_by_policy():
     stats = {"over_context": 3}
     assert context_report(_d(), 128, stats) == {"limit": 128, "policy": "truncate", "over_limit": 3,

@@ -127,8 +127,8 @@ def plain_loop(cfg, steps: int, threads: int) -> list[dict]:
     model = build_model(d.student, d, d.seed)
     model.train()
     optimizer = build_optimizer(model, d, count_layers(model))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(d.optim.schedule, steps,
-                                                                              d.optim.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(d.optim.schedule, steps, 0.0,
+                                                                              warmup=d.optim.warmup(steps)))
     cs = CollateSettings(pad_id=tok.pad_token_id, max_seq_len=d.max_seq_len, with_teacher=settings.kind == "logit")
     table = ShardStore(d.data).read_samples(list(cs.columns) + ["split"])
     table = table.filter(pc.equal(table["split"], "train"))

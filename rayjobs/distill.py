@@ -148,7 +148,8 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     check_layout(join(storage, cfg.name), checkpoint_layout(d), cfg.name)
     loop = engine.build_loop_config(d, cfg.name, student=student, teacher=teacher, total_steps=step_plan.total_steps,
                                     teacher_tokenizer=teacher_tokenizer, storage=storage, has_val=stats["val"] > 0,
-                                    max_seq_len=limit, em_sample=em_sample(cfg, data))
+                                    max_seq_len=limit, em_sample=em_sample(cfg, data),
+                                    steps_per_epoch=step_plan.steps_per_epoch)
     datasets = engine.build_datasets(store.sample_files(), store.fs, plan.training_columns(d), stats,
                                      drop_over=limit if dropped else None)
     state = engine.fit(d, cfg.name, loop, datasets, storage)

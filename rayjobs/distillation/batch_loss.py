@@ -13,8 +13,11 @@ The teacher signal comes from one of three places, fixed per run:
   losses through the projections (``rayjobs.distillation.feature_losses``).
 
 Schedules are pure functions of the optimizer step (``rayjobs.distillation.schedule``): the KD temperature
-ramps from ``schedule.temperature_start`` to ``temperature_end`` over the run, and feature runs
-train the hidden-state loss alone for the first ``schedule.stage1_steps`` steps.
+ramps from ``schedule.temperature_start`` to ``temperature_end`` over the run or follows explicit
+``schedule.temperatures`` phases, feature runs train the hidden-state loss alone for the first
+``schedule.stage1_steps`` steps, layer pairs join by ``feature.progressive``, and the feature
+noise's sigma ramps (training only: validation runs it at 0). With an online teacher,
+``loss.contrastive`` adds the pooled InfoNCE term (``rayjobs.distillation.contrastive``) in stage 2.
 
 The student runs without its LM head (``logits_to_keep`` empty); its last hidden states go to
 the chunked head (``rayjobs.distillation.chunked_head.call_head``), which computes CE and KD
@@ -41,6 +44,7 @@ from datasets_pipeline.vocab_cache import cached_vocab_map
 from rayjobs.distillation.chunked_head import call_head, no_logits, output_head
 from rayjobs.distillation.collate import CollateSettings, collate, model_inputs, pad_id
 from rayjobs.distillation.config import DistillationConfig
+from rayjobs.distillation.contrastive import ContrastiveHead, WithContrastive, contrastive_loss
 from rayjobs.distillation.feature_losses import (
     FeatureProjector,
     FeatureSettings,
@@ -50,7 +54,7 @@ from rayjobs.distillation.feature_losses import (
 )
 from rayjobs.distillation.losses import LossSettings, TopKTeacher, divergence_term
 from rayjobs.distillation.online_teacher import OnlineCollate, OnlineTeacher, TeacherTokens, load_teacher
-from rayjobs.distillation.schedule import loss_stage, temperature_at
+from rayjobs.distillation.schedule import layer_start_steps, linear_ramp, loss_stage, phase_temperature, temperature_at
 from rayjobs.distillation.service_teacher import ServiceCollate, ServiceTopK, client_for
 from rayjobs.distillation.xtok import uld_term
 
@@ -73,28 +77,45 @@ class BatchLoss:
     total_steps: int
     feature: FeatureSettings | None = None
     teacher: OnlineTeacher | None = None
+    steps_per_epoch: float = 0.0  # for schedule.temperatures phases that end in epochs
 
     @property
     def terms(self) -> tuple[str, ...]:
         """Curve columns: ``loss`` is the output's ``total``."""
-        return BASE_TERMS + (FEATURE_TERMS if self.feature else ())
+        contrastive = ("contrastive",) if self.cfg.loss.contrastive.weight else ()
+        return BASE_TERMS + (FEATURE_TERMS if self.feature else ()) + contrastive
 
     def settings_at(self, step: int) -> LossSettings:
-        loss = self.cfg.loss
+        loss, sched = self.cfg.loss, self.cfg.loss.schedule
         kind = "data" if loss.kind == "data" else "logit"
         settings = LossSettings(kind=kind, **loss.settings_fields())
-        if loss.schedule.temperature_start is None:
+        if sched.temperatures is not None:
+            return dataclasses.replace(settings, temperature=phase_temperature(step, sched.temperatures,
+                                                                               self.steps_per_epoch))
+        if sched.temperature_start is None:
             return settings
-        t = temperature_at(step, self.total_steps, loss.schedule.temperature_start, loss.schedule.temperature_end)
+        t = temperature_at(step, self.total_steps, sched.temperature_start, sched.temperature_end)
         return dataclasses.replace(settings, temperature=t)
+
+    def noise_sigma(self, step: int) -> float:
+        """Feature noise for update ``step + 1`` (0 without ``feature.noise``)."""
+        noise = self.cfg.loss.feature.noise
+        if noise is None:
+            return 0.0
+        end = noise.sigma if noise.sigma_end is None else noise.sigma_end
+        return linear_ramp(step, self.total_steps, noise.sigma, end)
 
     def schedule_row(self, step: int) -> dict:
         """Curve columns of the schedules in force for update ``step + 1`` (empty when none is set)."""
-        row = {}
-        if self.cfg.loss.schedule.temperature_start is not None:
+        row, sched = {}, self.cfg.loss.schedule
+        if sched.temperature_start is not None or sched.temperatures is not None:
             row["temperature"] = self.settings_at(step).temperature
-        if self.feature is not None and self.cfg.loss.schedule.stage1_steps:
-            row["stage"] = loss_stage(step, self.cfg.loss.schedule.stage1_steps)
+        if self.feature is not None and sched.stage1_steps:
+            row["stage"] = loss_stage(step, sched.stage1_steps)
+        if self.feature is not None and self.feature.start_steps is not None:
+            row["layer_pairs"] = sum(self.feature.active(step))
+        if self.feature is not None and self.cfg.loss.feature.noise is not None:
+            row["feature_sigma"] = self.noise_sigma(step)
         return row
 
     def __call__(self, engine, batch: dict, step: int):
@@ -119,9 +140,23 @@ class BatchLoss:
         with self.teacher.head() as t_head, torch.set_grad_enabled(torch.is_grad_enabled() and stage == 2):
             logit_teacher = self.teacher.logit_teacher(teacher_out, align, head.out_features, t_head, chunk, raw=uld)
             logit = call_head(head, hidden, labels, logit_teacher, settings, chunk, kd_term)
-        if self.feature is None:
-            return logit
-        return feature_distill_loss(student, teacher_out, align, logit, engine.module.projector, self.feature, stage)
+        out = logit
+        if self.feature is not None:
+            sigma = self.noise_sigma(step) if engine.training else 0.0
+            out = feature_distill_loss(student, teacher_out, align, logit, engine.module.projector, self.feature,
+                                       stage, step, sigma)
+        return self._with_contrastive(out, engine.module, student, teacher_out, align, stage)
+
+    def _with_contrastive(self, out, module, student, teacher_out, align, stage: int):
+        """``out`` plus the weighted contrastive term (stage 2 only; reported as 0 in stage 1)."""
+        c = self.cfg.loss.contrastive
+        if not c.weight:
+            return out
+        if stage == 1:
+            return WithContrastive(out, out.total, out.total.new_zeros(()))
+        term = contrastive_loss(student.hidden_states[c.student_layer], teacher_out.hidden_states[c.teacher_layer],
+                                align, module.contrastive, c.temperature)
+        return WithContrastive(out, out.total + c.weight * term, term)
 
 
 def feature_settings(cfg: DistillationConfig, s_layers: int, t_layers: int) -> FeatureSettings:
@@ -134,7 +169,15 @@ def feature_settings(cfg: DistillationConfig, s_layers: int, t_layers: int) -> F
             pairs = check_layer_map(f.layer_map, s_layers, t_layers)
         except ValueError as e:
             raise ValueError(f"distillation.loss.feature.layer_map: {e}") from None
-    return FeatureSettings(tuple(pairs), f.hidden_loss, f.hidden_weight, f.attention_weight)
+    starts = None
+    if f.progressive is not None and f.progressive.every is not None:
+        starts = layer_start_steps([s for s, _ in pairs], f.progressive.every)
+    elif f.progressive is not None:
+        if len(f.progressive.start_steps) != len(pairs):
+            raise ValueError(f"distillation.loss.feature.progressive.start_steps: {len(f.progressive.start_steps)} "
+                             f"entries for {len(pairs)} layer pairs")
+        starts = tuple(f.progressive.start_steps)
+    return FeatureSettings(tuple(pairs), f.hidden_loss, f.hidden_weight, f.attention_weight, starts)
 
 
 @dataclass
@@ -146,6 +189,12 @@ class WorkerLoss:
     projector: FeatureProjector | None
     teacher_dir: str | None
     service: ServiceTopK | None = None
+    contrastive: ContrastiveHead | None = None
+
+    @property
+    def trained_heads(self) -> bool:
+        """Whether the engine trains ``DistillModule`` (student + projections) rather than the student."""
+        return self.projector is not None or self.contrastive is not None
 
     def progress(self) -> dict:
         """Curve columns of the teacher service (cumulative per worker); empty for other teachers."""
@@ -178,7 +227,8 @@ def collate_vocab_map(method: str, teacher_tok, student_tok) -> np.ndarray | Non
 
 
 def build(cfg: DistillationConfig, total_steps: int, student_tok, student_config, max_seq_len: int,
-          teacher_dir: str | None, teacher_tok=None) -> WorkerLoss:
+          teacher_dir: str | None, teacher_tok=None,
+          steps_per_epoch: float = 0.0) -> WorkerLoss:
     """Collate, projections and loss for this run's configuration (see the module docstring).
 
     ``teacher_tok``: the online or service teacher's tokenizer, or for stored top-k the tokenizer
@@ -188,7 +238,7 @@ def build(cfg: DistillationConfig, total_steps: int, student_tok, student_config
     settings = CollateSettings(pad_id=pad_id(student_tok), max_seq_len=max_seq_len, packing=cfg.optim.packing,
                                with_teacher=stored_kd, xtok_map=cfg.loss.xtok.method == "vocab_map",
                                vocab_map=collate_vocab_map(cfg.loss.xtok.method, teacher_tok, student_tok) if stored_kd else None)
-    loss = BatchLoss(cfg, total_steps)
+    loss = BatchLoss(cfg, total_steps, steps_per_epoch=steps_per_epoch)
     if cfg.service_teacher:
         ref = cfg.teacher.service
         topk = ServiceTopK(client_for(ref), teacher_tok, ref.top_k)
@@ -199,9 +249,12 @@ def build(cfg: DistillationConfig, total_steps: int, student_tok, student_config
 
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     tokens = TeacherTokens(student_tok, teacher_tok, teacher_config.max_position_embeddings)
-    projector = None
+    projector = contrastive = None
+    torch.manual_seed(cfg.seed)  # every rank builds the same projections
     if cfg.loss.kind == "feature":
         loss.feature = feature_settings(cfg, student_config.num_hidden_layers, teacher_config.num_hidden_layers)
-        torch.manual_seed(cfg.seed)  # every rank builds the same projections
         projector = FeatureProjector(student_config.hidden_size, teacher_config.hidden_size, len(loss.feature.pairs))
-    return WorkerLoss(loss, OnlineCollate(settings, tokens, pad_id(teacher_tok)), projector, teacher_dir)
+    if cfg.loss.contrastive.weight:
+        contrastive = ContrastiveHead(student_config.hidden_size, teacher_config.hidden_size)
+    return WorkerLoss(loss, OnlineCollate(settings, tokens, pad_id(teacher_tok)), projector, teacher_dir,
+                      contrastive=contrastive)

@@ -76,6 +76,9 @@ def checkpoint_layout(d) -> dict:
         # group count cannot load the saved optimizer state. (Only when on, so layouts written
         # before this key existed still match a run without it.)
         **({"layerwise_lr_groups": True} if d.optim.layerwise_lr_decay is not None else {}),
+        # Another optimizer keeps other state; the contrastive projection is a module of its own.
+        **({"optimizer": d.optim.optimizer} if d.optim.optimizer != "adamw" else {}),
+        **({"contrastive": True} if d.loss.contrastive.weight else {}),
     }
 
 

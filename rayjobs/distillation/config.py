@@ -8,6 +8,14 @@ from pydantic import Field, field_validator, model_validator
 
 from cluster.config import StrictModel
 from cluster.storage import Location
+from rayjobs.distillation.recipe_config import (
+    ContrastiveConfig,
+    DropoutConfig,
+    FeatureNoise,
+    ProgressiveLayers,
+    TemperaturePhase,
+    check_phases,
+)
 
 
 # Why stored-top-k logit KD cannot train on supplied, unscored samples, and which knobs fix it; said
@@ -30,6 +38,18 @@ class FeatureConfig(StrictModel):
     attention_weight: float = Field(
         0.0, ge=0.0, description="Weight of the head-averaged attention-map KL (stage 2); > 0 runs both models "
         "with eager attention.")
+    progressive: ProgressiveLayers | None = Field(
+        None, description="Layer pairs join the feature losses by step, lower layers first; null: all from the start.")
+    noise: FeatureNoise | None = Field(None, description="Gaussian noise on the student's hidden states in the "
+                                       "feature loss, training only; null: none.")
+
+    @model_validator(mode="after")
+    def _schedule_per_pair(self):
+        starts = self.progressive.start_steps if self.progressive else None
+        if starts is not None and self.layer_map is not None and len(starts) != len(self.layer_map):
+            raise ValueError(f"feature.progressive.start_steps has {len(starts)} entries for "
+                             f"{len(self.layer_map)} layer_map pairs")
+        return self
 
 
 class LossScheduleConfig(StrictModel):
@@ -40,11 +60,18 @@ class LossScheduleConfig(StrictModel):
         "later steps add cross-entropy, KD and the attention loss. 0: one stage.")
     temperature_start: float | None = Field(None, gt=0.0, description="KD temperature at the first step (linear ramp).")
     temperature_end: float | None = Field(None, gt=0.0, description="KD temperature at the last step.")
+    temperatures: list[TemperaturePhase] | None = Field(
+        None, description="KD temperature in explicit phases, e.g. [{until_epoch: 1, temperature: 2.0}, "
+        "{temperature: 1.0}]; instead of the linear ramp.")
 
     @model_validator(mode="after")
     def _both_ends(self):
         if (self.temperature_start is None) != (self.temperature_end is None):
             raise ValueError("temperature_start and temperature_end go together (set both, or neither)")
+        if self.temperatures is not None:
+            if self.temperature_start is not None:
+                raise ValueError("schedule.temperatures replaces temperature_start/temperature_end: set one form")
+            check_phases(self.temperatures)
         return self
 
 
@@ -71,6 +98,7 @@ class LossConfig(StrictModel):
     feature: FeatureConfig = Field(default_factory=FeatureConfig)
     schedule: LossScheduleConfig = Field(default_factory=LossScheduleConfig)
     xtok: XtokConfig = Field(default_factory=XtokConfig)
+    contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
     chunk_tokens: int | None = Field(
         None, ge=1, description="Tokens whose full-vocabulary logits exist at once: the student's LM head, every "
         "loss reading its logits and the online teacher's logits run over the micro-batch's labelled tokens in "
@@ -154,13 +182,19 @@ class LoraConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    """AdamW (DeepSpeed's) and its schedule; one optimizer step = grad_accum micro-steps on every worker."""
+    """The optimizer and its schedule; one optimizer step = grad_accum micro-steps on every worker."""
 
+    optimizer: Literal["adamw", "adafactor", "lamb"] = Field(
+        "adamw", description="AdamW; Adafactor (factored second moments: less optimizer memory); LAMB (AdamW with a "
+        "per-tensor trust ratio, for large batches). See rayjobs/distillation/optimizers.py.")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to norms and biases).")
     schedule: Literal["linear", "cosine", "constant"] = Field(
         "cosine", description="Learning-rate decay after warm-up, until the last step (constant: none).")
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of the steps spent warming the LR up from 0.")
+    warmup_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Share of the steps spent warming the LR up from 0; default 0.05 "
+        "(when warmup_steps is unset).")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up in optimizer steps (not with warmup_ratio).")
     layerwise_lr_decay: float | None = Field(
         None, gt=0.0, le=1.0, description="Each block's LR is this times the block above's (top block and head at "
         "lr); unset: one LR for all.")
@@ -171,6 +205,23 @@ class OptimConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the global gradient norm to this; null: no clipping.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory).")
     packing: bool = Field(False, description="Pack several samples into each max_seq_len row (not with an online teacher).")
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("optim.warmup_steps and optim.warmup_ratio both set: warm-up is one or the other")
+        if self.warmup_steps is not None and self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"optim.warmup_steps ({self.warmup_steps}) must be below optim.max_steps "
+                             f"({self.max_steps})")
+        return self
+
+    def warmup(self, total_steps: int) -> int:
+        """Warm-up steps of a run of ``total_steps``: ``warmup_steps``, else ``warmup_ratio`` (0.05) of the run."""
+        from rayjobs.distillation.schedule import warmup_steps
+
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return warmup_steps(total_steps, 0.05 if self.warmup_ratio is None else self.warmup_ratio)
 
 
 class DeepSpeedConfig(StrictModel):
@@ -291,6 +342,7 @@ class DistillationConfig(StrictModel):
     loss: LossConfig = Field(default_factory=LossConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    dropout: DropoutConfig = Field(default_factory=DropoutConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
@@ -350,4 +402,21 @@ class DistillationConfig(StrictModel):
         if self.online_teacher and self.optim.packing:
             raise ValueError("optim.packing is not supported with an online teacher (its own sequences are "
                              "aligned per sample); set optim.packing: false")
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_sees_real_shapes(self):
+        # ZeRO (any stage) and DeepSpeed's fp16/bf16 wrappers hand the optimizer flat fp32 copies of each
+        # param group: LAMB's per-tensor trust ratio and Adafactor's factored moments would see one vector.
+        if self.optim.optimizer != "adamw" and (self.deepspeed.zero_stage or self.deepspeed.precision != "fp32"):
+            raise ValueError(f"optim.optimizer '{self.optim.optimizer}' needs deepspeed.zero_stage 0 and precision "
+                             "'fp32' (ZeRO and the mixed-precision wrappers flatten parameters, so per-tensor "
+                             "trust ratios / factored moments would be computed over one flat vector)")
+        return self
+
+    @model_validator(mode="after")
+    def _contrastive_needs_teacher_states(self):
+        if self.loss.contrastive.weight and not self.online_teacher:
+            raise ValueError("distillation.loss.contrastive needs the teacher's hidden states: kind 'feature', or "
+                             "kind 'logit' with teacher.source 'online'")
         return self

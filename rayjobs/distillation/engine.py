@@ -52,7 +52,8 @@ def candidate_location(d: DistillationConfig, run_name: str) -> str:
 
 def build_loop_config(d: DistillationConfig, run_name: str, *, student: str, teacher: str | None,
                       total_steps: int, storage: str, has_val: bool, max_seq_len: int,
-                      teacher_tokenizer: str | None = None, em_sample: dict | None = None) -> dict:
+                      teacher_tokenizer: str | None = None, em_sample: dict | None = None,
+                      steps_per_epoch: float = 0.0) -> dict:
     """What every worker gets: the stage config, resolved paths and the step plan.
 
     ``teacher``: the online or service teacher; ``teacher_tokenizer``: the tokenizer of stored
@@ -66,6 +67,7 @@ def build_loop_config(d: DistillationConfig, run_name: str, *, student: str, tea
         "teacher_tokenizer": teacher_tokenizer,
         "max_seq_len": max_seq_len,
         "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
         "merged_location": candidate_location(d, run_name),
         "run_dir": join(storage, run_name),
         "has_val": has_val,

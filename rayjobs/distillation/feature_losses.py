@@ -29,6 +29,10 @@ no attention and are skipped. Attention probabilities need ``attn_implementation
 
 Schedules (``rayjobs.distillation.schedule.loss_phase``): in stage 1 only the hidden-state loss trains; in
 stage 2 the total is ``(1 - alpha) * CE + alpha * T^2 * KD + w_h * hidden + w_a * attention``.
+Progressive layers (``FeatureSettings.start_steps``): a pair counts in both feature losses from its
+start step on; until then it is not computed at all, and the means run over the pairs in force.
+Feature noise (``rayjobs.distillation.regularize.feature_noise``) perturbs the student's states
+before their projection, in training only.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import torch
 from torch import nn
 
 from rayjobs.distillation.losses import LossOutput, kl, token_mean
+from rayjobs.distillation.regularize import feature_noise
+from rayjobs.distillation.schedule import active_pairs
 from rayjobs.distillation.xtok import gather_positions
 
 HIDDEN_LOSSES = ("mse", "cosine")
@@ -79,7 +85,8 @@ class FeatureProjector(nn.Module):
 
 
 class DistillModule(nn.Module):
-    """The student plus the projections, as one module for DeepSpeed (one optimizer, one checkpoint).
+    """The student plus the projections (feature and/or contrastive), as one module for DeepSpeed (one
+    optimizer, one checkpoint).
 
     ``forward`` is the student's. ``student_state_dict`` is what the merge exports: the student's
     keys only, with this wrapper's prefix removed.
@@ -87,10 +94,11 @@ class DistillModule(nn.Module):
 
     PREFIX = "student."
 
-    def __init__(self, student: nn.Module, projector: FeatureProjector):
+    def __init__(self, student: nn.Module, projector: FeatureProjector | None, contrastive: nn.Module | None = None):
         super().__init__()
         self.student = student
         self.projector = projector
+        self.contrastive = contrastive
 
     def forward(self, **kwargs):
         return self.student(**kwargs)
@@ -110,10 +118,18 @@ class FeatureSettings:
     hidden_loss: str = "cosine"
     hidden_weight: float = 1.0
     attention_weight: float = 0.0
+    start_steps: tuple[int, ...] | None = None  # progressive layers: each pair's first step; None: all from 0
 
     def __post_init__(self):
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_loss must be one of {HIDDEN_LOSSES}, got {self.hidden_loss!r}")
+        if self.start_steps is not None and (len(self.start_steps) != len(self.pairs) or min(self.start_steps) != 0):
+            raise ValueError(f"start steps {self.start_steps} for {len(self.pairs)} layer pairs: one per pair, "
+                             "and one pair from step 0")
+
+    def active(self, step: int) -> tuple[bool, ...]:
+        """Which pairs the feature losses count at update ``step + 1``."""
+        return active_pairs(step, self.start_steps, len(self.pairs))
 
 
 @dataclass(frozen=True)
@@ -131,11 +147,15 @@ class FeatureLossOutput:
 
 def hidden_state_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
                       align_index: torch.Tensor, mask: torch.Tensor, projector: FeatureProjector,
-                      settings: FeatureSettings) -> torch.Tensor:
-    """Mean over pairs of the token-mean hidden loss at aligned positions (``mask`` ``[B, T_s]``)."""
+                      settings: FeatureSettings, active: Sequence[bool] | None = None,
+                      sigma: float = 0.0) -> torch.Tensor:
+    """Mean over the ``active`` pairs (default all) of the token-mean hidden loss at aligned positions
+    (``mask`` ``[B, T_s]``); ``sigma``: relative Gaussian noise on the student's states first."""
     terms = []
     for k, (s, t) in enumerate(settings.pairs):
-        student = projector(k, student_hidden[s].float())
+        if active is not None and not active[k]:
+            continue
+        student = projector(k, feature_noise(student_hidden[s].float(), sigma))
         teacher = gather_positions(teacher_hidden[t].float(), align_index)
         if settings.hidden_loss == "mse":
             per_token = (student - teacher).pow(2).mean(-1)
@@ -158,8 +178,9 @@ def _aligned_rows(attn: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 
 
 def attention_map_loss(student_attn: Sequence[torch.Tensor], teacher_attn: Sequence[torch.Tensor],
-                       align_index: torch.Tensor, mask: torch.Tensor, settings: FeatureSettings) -> torch.Tensor:
-    """Mean over pairs (student block >= 1) of the head-averaged attention KL (module docstring).
+                       align_index: torch.Tensor, mask: torch.Tensor, settings: FeatureSettings,
+                       active: Sequence[bool] | None = None) -> torch.Tensor:
+    """Mean over the ``active`` pairs (student block >= 1) of the head-averaged attention KL (module docstring).
 
     Allowed entries: aligned query and key, key not after the query. The alignment is monotone,
     so the teacher's gathered map is causal on the same entries.
@@ -169,14 +190,16 @@ def attention_map_loss(student_attn: Sequence[torch.Tensor], teacher_attn: Seque
     allowed = mask[:, :, None] & mask[:, None, :] & causal
     safe = align_index.clamp(min=0)
     terms = []
-    for s, t in settings.pairs:
-        if s == 0 or t == 0:
+    for k, (s, t) in enumerate(settings.pairs):
+        if s == 0 or t == 0 or (active is not None and not active[k]):
             continue
         teacher = teacher_attn[t - 1].float().mean(1, keepdim=True)
         rows = teacher.gather(2, safe[:, None, :, None].expand(-1, 1, -1, teacher.shape[-1]))
         teacher = rows.gather(3, safe[:, None, None, :].expand(-1, 1, rows.shape[2], -1))
         per_query = kl(_aligned_rows(teacher, allowed), _aligned_rows(student_attn[s - 1], allowed))
         terms.append(token_mean(per_query, mask)[0])
+    if not terms and active is not None and not all(active):
+        return mask.new_zeros((), dtype=torch.float32)  # the pairs with attention have not joined yet
     if not terms:
         raise ValueError("attention loss needs a layer pair with student and teacher blocks >= 1")
     return torch.stack(terms).mean()
@@ -184,7 +207,7 @@ def attention_map_loss(student_attn: Sequence[torch.Tensor], teacher_attn: Seque
 
 def feature_distill_loss(
     student_out, teacher_out, align_index: torch.Tensor, logit: LossOutput, projector: FeatureProjector,
-    settings: FeatureSettings, stage: int,
+    settings: FeatureSettings, stage: int, step: int = 0, sigma: float = 0.0,
 ) -> FeatureLossOutput:
     """Stage 1: ``w_h * hidden``; stage 2 adds CE + KD (``logit``) and ``w_a * attention`` (module docstring).
 
@@ -192,16 +215,18 @@ def feature_distill_loss(
     on, ``attentions``. ``logit``: the student's CE and KD against the teacher's logits, already
     computed by the chunked head (``rayjobs.distillation.chunked_head``). ``align_index``
     ``[B, T_s]``: teacher position per student position, ``-1`` where none (padding included).
+    ``step``: the update (0-based) the progressive layer schedule is read at; ``sigma``: feature noise.
     """
-    aligned = align_index >= 0
+    aligned, active = align_index >= 0, settings.active(step)
     hidden = hidden_state_loss(student_out.hidden_states, teacher_out.hidden_states, align_index, aligned,
-                               projector, settings)
+                               projector, settings, active, sigma)
     zero = hidden.new_zeros(())
     if stage == 1:
         return FeatureLossOutput(settings.hidden_weight * hidden, logit.ce.detach(), zero, hidden, zero,
                                  logit.num_tokens, logit.num_kd_tokens)
     attention = zero
     if settings.attention_weight > 0:
-        attention = attention_map_loss(student_out.attentions, teacher_out.attentions, align_index, aligned, settings)
+        attention = attention_map_loss(student_out.attentions, teacher_out.attentions, align_index, aligned,
+                                       settings, active)
     total = logit.total + settings.hidden_weight * hidden + settings.attention_weight * attention
     return FeatureLossOutput(total, logit.ce, logit.kd, hidden, attention, logit.num_tokens, logit.num_kd_tokens)

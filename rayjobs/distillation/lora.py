@@ -47,10 +47,11 @@ def load_model(model_dir: str, **kwargs) -> PreTrainedModel:
 
 
 def load_student(model_dir: str, dtype: torch.dtype | str = torch.float32,
-                 attn_implementation: str | None = None) -> PreTrainedModel:
-    """``attn_implementation``: None for transformers' default, ``"eager"`` to get attention probabilities."""
+                 attn_implementation: str | None = None, **config_overrides) -> PreTrainedModel:
+    """``attn_implementation``: None for transformers' default, ``"eager"`` to get attention probabilities.
+    ``config_overrides``: model config fields for this load only (training dropout)."""
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return load_model(model_dir, dtype=dtype, **kwargs)
+    return load_model(model_dir, dtype=dtype, **kwargs, **config_overrides)
 
 
 def build_export_model(

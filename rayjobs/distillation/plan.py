@@ -23,6 +23,7 @@ class StepPlan:
     rows_per_worker: int
     micro_batches_per_epoch: int
     total_steps: int
+    steps_per_epoch: float = 0.0  # optimizer steps per pass over a worker's shard (temperature phases in epochs)
 
 
 def plan_steps(train_rows: int, optim: OptimConfig, num_workers: int) -> StepPlan:
@@ -36,7 +37,7 @@ def plan_steps(train_rows: int, optim: OptimConfig, num_workers: int) -> StepPla
         raise ValueError(f"{train_rows} training rows cannot feed {num_workers} workers")
     micro = math.ceil(per_worker / optim.micro_batch_size)
     total = optim.max_steps or max(1, math.ceil(optim.epochs * micro / optim.grad_accum))
-    return StepPlan(train_rows, per_worker, micro, total)
+    return StepPlan(train_rows, per_worker, micro, total, micro / optim.grad_accum)
 
 
 def context_limit(d: DistillationConfig, student: dict) -> int:
@@ -88,9 +89,17 @@ def check_teacher_signal(d: DistillationConfig, manifest: dict | None) -> None:
 
 
 def check_models(d: DistillationConfig, student: dict, teacher: dict) -> None:
-    """Online teacher: the layer map must fit both depths (``ConfigError`` naming the field)."""
+    """Online teacher: the layer map and the contrastive layers must fit both depths (``ConfigError``
+    naming the field)."""
     from rayjobs.distillation.batch_loss import feature_settings
 
+    c = d.loss.contrastive
+    for name, index, model in (("student_layer", c.student_layer, student),
+                               ("teacher_layer", c.teacher_layer, teacher)):
+        states = model["num_hidden_layers"] + 1
+        if c.weight and not -states <= index < states:
+            raise ConfigError(f"distillation.loss.contrastive.{name} {index} is outside the {states} hidden states "
+                              f"(0..{states - 1}, or negative from the last)")
     if d.loss.kind != "feature":
         return
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -48,8 +48,10 @@ def lr_factor(step: int, kind: str, total_steps: int, warmup: int, min_ratio: fl
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-def make_lr_lambda(kind: str, total_steps: int, warmup_ratio: float, min_ratio: float = 0.0) -> Callable[[int], float]:
-    warmup = warmup_steps(total_steps, warmup_ratio)
+def make_lr_lambda(kind: str, total_steps: int, warmup_ratio: float, min_ratio: float = 0.0,
+                   warmup: int | None = None) -> Callable[[int], float]:
+    """``warmup`` (steps), when given, replaces ``warmup_ratio`` (``optim.warmup_steps``)."""
+    warmup = warmup_steps(total_steps, warmup_ratio) if warmup is None else warmup
     return lambda step: lr_factor(step, kind, total_steps, warmup, min_ratio)
 
 
@@ -64,10 +66,50 @@ def temperature_at(step: int, total_steps: int, start: float, end: float) -> flo
     Higher early (softer targets carry more of the teacher's ranking while the student is far
     off), annealed to ``end`` (usually 1.0, the distribution the student will sample from).
     """
+    return linear_ramp(step, total_steps, start, end)
+
+
+def linear_ramp(step: int, total_steps: int, start: float, end: float) -> float:
+    """``start`` at update 1 (``step`` 0), ``end`` at the last update and after, linear between."""
     if total_steps <= 1:
         return end
     progress = min(max(step, 0) / (total_steps - 1), 1.0)
     return start + (end - start) * progress
+
+
+def phase_temperature(step: int, phases: Sequence[Any], steps_per_epoch: float) -> float:
+    """KD temperature for update ``step + 1`` from explicit phases (``schedule.temperatures``).
+
+    A phase ending at ``until_step = N`` covers updates 1..N; ``until_epoch = E`` covers the
+    updates of the first E epochs (``E * steps_per_epoch`` of them, rounded). The last phase runs on.
+    """
+    for phase in phases:
+        if phase.until_step is not None:
+            end = phase.until_step
+        elif phase.until_epoch is not None:
+            if steps_per_epoch <= 0:
+                raise ValueError("schedule.temperatures ends a phase in epochs but the run's steps per epoch "
+                                 "are unknown")
+            end = round(phase.until_epoch * steps_per_epoch)
+        else:
+            return phase.temperature
+        if step < end:
+            return phase.temperature
+    return phases[-1].temperature
+
+
+def layer_start_steps(student_indices: Sequence[int], every: int) -> tuple[int, ...]:
+    """Progressive layers: a pair's first step is ``every`` times the rank of its student index
+    among the distinct ones (lowest first), so pairs on one student layer join together."""
+    ranks = {s: r for r, s in enumerate(sorted(set(student_indices)))}
+    return tuple(ranks[s] * every for s in student_indices)
+
+
+def active_pairs(step: int, start_steps: Sequence[int] | None, num_pairs: int) -> tuple[bool, ...]:
+    """Which layer pairs the feature losses count at update ``step + 1``; all without a schedule."""
+    if start_steps is None:
+        return (True,) * num_pairs
+    return tuple(step >= s for s in start_steps)
 
 
 def layer_id(name: str, num_layers: int) -> int:

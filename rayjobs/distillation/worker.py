@@ -28,6 +28,8 @@ from rayjobs.distillation import batch_loss, early_stopping
 from rayjobs.distillation.deepspeed_config import build_deepspeed_config
 from rayjobs.distillation.config import DistillationConfig
 from rayjobs.distillation.feature_losses import DistillModule
+from rayjobs.distillation.optimizers import make_optimizer
+from rayjobs.distillation.regularize import add_hidden_dropout, attention_dropout_kwargs
 from rayjobs.distillation.schedule import make_lr_lambda, param_groups
 from rayjobs.distillation.checkpoints import Checkpointer, TrainerState, restore
 from rayjobs.distillation.validation import EmSample, all_reduce_sum, generation_model, val_loss_metrics
@@ -45,16 +47,21 @@ class RayCollate(NumpyBatchCollateFn):
 
 
 def build_model(student_dir: str, cfg: DistillationConfig, seed: int, eager_attention: bool = False):
-    """Student with gradient checkpointing and LoRA as configured, on CPU in fp32.
+    """Student with gradient checkpointing, training dropout and LoRA as configured, on CPU in fp32.
 
     Seeded so every rank builds identical LoRA adapters: under ZeRO-3 each rank keeps its own
     slice of its own copy, and different inits would stitch together a model nobody built.
     ``eager_attention``: attention probabilities are returned only by the eager implementation.
     """
+    from transformers import AutoConfig
+
     from rayjobs.distillation.lora import apply_lora, load_student
 
     torch.manual_seed(seed)
-    model = load_student(student_dir, attn_implementation="eager" if eager_attention else None)
+    dropout = attention_dropout_kwargs(AutoConfig.from_pretrained(student_dir), cfg.dropout.attention)
+    model = load_student(student_dir, attn_implementation="eager" if eager_attention else None, **dropout)
+    if cfg.dropout.hidden:
+        add_hidden_dropout(model, cfg.dropout.hidden)
     model.config.use_cache = False
     if cfg.optim.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -66,7 +73,7 @@ def build_model(student_dir: str, cfg: DistillationConfig, seed: int, eager_atte
 def build_optimizer(model, cfg: DistillationConfig, num_layers: int) -> torch.optim.Optimizer:
     groups = param_groups(model.named_parameters(), cfg.optim.lr, cfg.optim.weight_decay, num_layers,
                           cfg.optim.layerwise_lr_decay)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    return make_optimizer(groups, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay)
 
 
 def count_layers(model) -> int:
@@ -78,7 +85,7 @@ def count_layers(model) -> int:
 def _gathered_state_dict(engine, zero_stage: int, rank: int) -> dict | None:
     """The full trained student weights on rank 0 (a collective under ZeRO-3: every rank must call).
 
-    Feature runs train ``DistillModule`` (student + projections): only the student's keys return.
+    Feature and contrastive runs train ``DistillModule`` (student + projections): only the student's keys return.
     """
     if zero_stage == 3:
         # Gathers one module at a time onto rank 0; the name says 16-bit but it keeps the dtype.
@@ -123,16 +130,16 @@ def _crash_hook(config: dict, step: int, rank: int) -> None:
 
 def _build_engine(cfg: DistillationConfig, student_dir: str, total_steps: int, world: int,
                   parts: batch_loss.WorkerLoss):
-    """``(engine, lr_lambda)``: the student (with the feature projections, if any), our AdamW
-    groups and LR schedule under DeepSpeed."""
+    """``(engine, lr_lambda)``: the student (with the feature / contrastive projections, if any), our
+    optimizer's param groups and LR schedule under DeepSpeed."""
     import deepspeed
 
     model = build_model(student_dir, cfg, cfg.seed, parts.eager_attention)
     num_layers = count_layers(model)
-    if parts.projector is not None:
-        model = DistillModule(model, parts.projector)
+    if parts.trained_heads:
+        model = DistillModule(model, parts.projector, parts.contrastive)
     optimizer = build_optimizer(model, cfg, num_layers)
-    lr_lambda = make_lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_ratio)
+    lr_lambda = make_lr_lambda(cfg.optim.schedule, total_steps, 0.0, warmup=cfg.optim.warmup(total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -339,7 +346,8 @@ def train_loop_per_worker(config: dict) -> None:
         teacher_tok = AutoTokenizer.from_pretrained(teacher_dir or localize(config["teacher_tokenizer"],
                                                                             tokenizer_only=True))
     parts = batch_loss.build(cfg, total_steps, tokenizer, AutoConfig.from_pretrained(student_dir),
-                             int(config["max_seq_len"]), teacher_dir if cfg.online_teacher else None, teacher_tok)
+                             int(config["max_seq_len"]), teacher_dir if cfg.online_teacher else None, teacher_tok,
+                             float(config.get("steps_per_epoch", 0.0)))
     engine, lr_lambda = _build_engine(cfg, student_dir, total_steps, ctx.get_world_size(), parts)
     if cfg.online_teacher:
         parts.attach_teacher(tokenizer, teacher_tok, engine.device)

@@ -98,3 +98,64 @@ def test_online_feature_loss_through_build(tiny_pair, tiny_rows, attention):
     stage2.total.backward()
     assert all(p.grad is not None for p in parts.projector.parameters())
     assert parts.loss.schedule_row(0) == {"stage": 1} and parts.loss.terms[-2:] == ("hidden", "attention")
+
+
+def test_progressive_layer_schedule_from_config_shows_in_the_curve_columns():
+    every = _cfg(loss={"kind": "feature", "feature": {"progressive": {"every": 3}}})
+    settings = batch_loss.feature_settings(every, 2, 4)
+    assert settings.pairs == ((1, 2), (2, 4)) and settings.start_steps == (0, 3)
+    loss = batch_loss.BatchLoss(every, 10, feature=settings)
+    assert [loss.schedule_row(s)["layer_pairs"] for s in (0, 2, 3, 9)] == [1, 1, 2, 2]
+    explicit = _cfg(loss={"kind": "feature", "feature": {"layer_map": [[0, 0], [1, 2], [2, 4]],
+                                                         "progressive": {"start_steps": [0, 0, 5]}}})
+    assert batch_loss.feature_settings(explicit, 2, 4).start_steps == (0, 0, 5)
+    with pytest.raises(ValueError, match="progressive.start_steps: 3 entries for 2 layer pairs"):
+        batch_loss.feature_settings(_cfg(loss={"kind": "feature", "feature": {"progressive": {
+            "start_steps": [0, 1, 2]}}}), 2, 4)
+    with pytest.raises(ValueError, match="one pair starts at step 0"):
+        _cfg(loss={"kind": "feature", "feature": {"progressive": {"start_steps": [1, 2]}}})
+
+
+def test_temperature_phases_show_in_the_curve_columns():
+    cfg = _cfg(loss={"kind": "logit", "schedule": {"temperatures": [{"until_epoch": 1, "temperature": 2.0},
+                                                                    {"temperature": 1.0}]}})
+    loss = batch_loss.BatchLoss(cfg, total_steps=6, steps_per_epoch=3)
+    assert [loss.schedule_row(s)["temperature"] for s in range(6)] == [2.0, 2.0, 2.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="replaces temperature_start"):
+        _cfg(loss={"schedule": {"temperature_start": 2.0, "temperature_end": 1.0,
+                                "temperatures": [{"temperature": 1.0}]}})
+
+
+def _online_parts(tiny_pair, tiny_rows, loss: dict, **kw):
+    s_dir, t_dir = tiny_pair["student"], tiny_pair["teacher"]
+    s_tok, t_tok = AutoTokenizer.from_pretrained(s_dir), AutoTokenizer.from_pretrained(t_dir)
+    cfg = _cfg(loss=loss, teacher={"model": t_dir, "source": "online"}, **kw)
+    parts = batch_loss.build(cfg, 4, s_tok, AutoConfig.from_pretrained(s_dir), 128, t_dir, t_tok)
+    parts.attach_teacher(s_tok, t_tok, "cpu")
+    torch.manual_seed(0)
+    engine = Engine(DistillModule(AutoModelForCausalLM.from_pretrained(s_dir), parts.projector, parts.contrastive))
+    cols = _columns(s_tok, tiny_rows)
+    batch = parts.collate({k: cols[k] for k in ("input_ids", "prompt_len", "teacher_offset", "messages",
+                                                "completion")})
+    return parts, engine, batch
+
+
+def test_contrastive_term_through_build_trains_the_projection(tiny_pair, tiny_rows):
+    parts, engine, batch = _online_parts(tiny_pair, tiny_rows, {"kind": "logit", "contrastive": {"weight": 0.5}})
+    assert parts.trained_heads and parts.projector is None and parts.loss.terms[-1] == "contrastive"
+    out = parts.loss(engine, batch, 0)
+    assert out.contrastive > 0 and out.total.item() == pytest.approx((out.base.total + 0.5 * out.contrastive).item())
+    out.total.backward()
+    assert parts.contrastive.proj.weight.grad.abs().sum() > 0  # student width 32 -> teacher width 64
+
+
+def test_feature_noise_in_training_only_through_build(tiny_pair, tiny_rows):
+    parts, engine, batch = _online_parts(tiny_pair, tiny_rows, {"kind": "feature", "feature": {
+        "hidden_loss": "mse", "noise": {"sigma": 1.0}}})
+    engine.eval()
+    with torch.no_grad():
+        clean = [parts.loss(engine, batch, 0).hidden.item() for _ in range(2)]
+        engine.train()
+        noisy = [parts.loss(engine, batch, 0).hidden.item() for _ in range(2)]
+    assert clean[0] == clean[1] and noisy[0] != noisy[1] and min(noisy) > clean[0]
+    assert parts.loss.schedule_row(0) == {"feature_sigma": 1.0}

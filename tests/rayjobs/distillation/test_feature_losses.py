@@ -123,3 +123,58 @@ def test_feature_loss_trains_student_and_projections_across_tokenizers(models, s
     else:
         assert out.kd > 0 and out.attention > 0
     assert not any(p.grad is not None for p in teacher.model.parameters())
+
+
+def _outputs(n_states, seed):
+    from types import SimpleNamespace
+
+    torch.manual_seed(seed)
+    return SimpleNamespace(hidden_states=[torch.randn(2, 5, 8) for _ in range(n_states)])
+
+
+def _logit_output():
+    from rayjobs.distillation.losses import LossOutput
+
+    zero = torch.zeros((), requires_grad=True)
+    return LossOutput(zero * 1.0, zero * 1.0, zero * 1.0, torch.tensor(10), torch.tensor(10))
+
+
+def test_progressive_pairs_join_by_step_and_unscheduled_pairs_are_absent():
+    """Pairs (1, 1), (2, 2), (3, 3) joining at steps 0, 2, 4: the hidden loss at each step is the mean
+    over the pairs in force only, and the projections of the others get no gradient at all."""
+    student, teacher = _outputs(4, 0), _outputs(4, 1)
+    align = torch.arange(5).expand(2, 5).clone()
+    settings = FeatureSettings(((1, 1), (2, 2), (3, 3)), hidden_loss="mse", start_steps=(0, 2, 4))
+    proj = _identity_projector(8, 3)
+    per_pair = [hidden_state_loss(student.hidden_states, teacher.hidden_states, align, align >= 0, proj,
+                                  FeatureSettings((pair,), hidden_loss="mse")) for pair in settings.pairs]
+    for step, in_force in [(0, 1), (1, 1), (2, 2), (3, 2), (4, 3), (9, 3)]:
+        assert settings.active(step) == tuple(k < in_force for k in range(3))
+        proj.zero_grad(set_to_none=True)
+        out = feature_distill_loss(student, teacher, align, _logit_output(), proj, settings, stage=1, step=step)
+        assert out.hidden.item() == pytest.approx(torch.stack(per_pair[:in_force]).mean().item(), rel=1e-6)
+        out.total.backward()
+        assert [proj.proj[k].weight.grad is not None for k in range(3)] == [k < in_force for k in range(3)]
+
+
+def test_progressive_attention_before_any_attention_pair_joins_is_zero():
+    t = 4
+    attn = torch.softmax(torch.randn(1, 2, t, t), -1)
+    align = torch.arange(t).expand(1, t).clone()
+    settings = FeatureSettings(((0, 0), (1, 1)), attention_weight=1.0, start_steps=(0, 3))
+    assert attention_map_loss([attn], [attn.flip(-1)], align, align >= 0, settings, settings.active(0)).item() == 0
+    assert attention_map_loss([attn], [attn.flip(-1)], align, align >= 0, settings, settings.active(3)).item() > 0
+
+
+def test_feature_noise_changes_the_hidden_loss_only_when_sigma_is_on():
+    student = _outputs(2, 0)
+    align = torch.arange(5).expand(2, 5).clone()
+    settings = FeatureSettings(((1, 1),), hidden_loss="mse")
+    proj = _identity_projector(8, 1)
+    clean = hidden_state_loss(student.hidden_states, student.hidden_states, align, align >= 0, proj, settings)
+    noisy = hidden_state_loss(student.hidden_states, student.hidden_states, align, align >= 0, proj, settings,
+                              sigma=0.5)
+    assert clean.item() == pytest.approx(0, abs=1e-9)
+    # Relative noise: per element variance sigma^2 * (mean square of the vector), so mse ~ sigma^2 * E[h^2].
+    expected = 0.25 * student.hidden_states[1].pow(2).mean().item()
+    assert noisy.item() == pytest.approx(expected, rel=0.3)

@@ -24,6 +24,7 @@ def test_plan_steps_from_epochs():
     assert plan.rows_per_worker == 50
     assert plan.micro_batches_per_epoch == 7  # last one short
     assert plan.total_steps == 6  # ceil(1.5 * 7 / 2)
+    assert plan.steps_per_epoch == 3.5  # what temperature phases in epochs count in
 
 
 def test_plan_steps_max_steps_wins():
@@ -46,6 +47,17 @@ def test_layer_map_is_checked_against_both_models():
     with pytest.raises(ConfigError, match=r"distillation.loss.feature.layer_map: .*\[3, 4\] is outside"):
         check_models(d, {"num_hidden_layers": 2}, {"num_hidden_layers": 4})
     check_models(_d(loss={"kind": "feature"}), {"num_hidden_layers": 2}, {"num_hidden_layers": 4})
+
+
+def test_contrastive_layers_are_checked_against_both_models():
+    def d(**layers):
+        return _d(loss={"kind": "feature", "contrastive": {"weight": 0.1, **layers}})
+
+    check_models(d(student_layer=2, teacher_layer=-5), {"num_hidden_layers": 2}, {"num_hidden_layers": 4})
+    with pytest.raises(ConfigError, match="contrastive.student_layer 3 is outside the 3 hidden states"):
+        check_models(d(student_layer=3), {"num_hidden_layers": 2}, {"num_hidden_layers": 4})
+    with pytest.raises(ConfigError, match="contrastive.teacher_layer -6"):
+        check_models(d(teacher_layer=-6), {"num_hidden_layers": 2}, {"num_hidden_layers": 4})
 
 
 def test_context_report_counts_by_policy():

@@ -5,7 +5,18 @@ from dataclasses import dataclass
 
 import pytest
 
-from rayjobs.distillation.schedule import layer_id, loss_stage, lr_factor, make_lr_lambda, param_groups, temperature_at, warmup_steps
+from rayjobs.distillation.schedule import (
+    active_pairs,
+    layer_id,
+    layer_start_steps,
+    loss_stage,
+    lr_factor,
+    make_lr_lambda,
+    param_groups,
+    phase_temperature,
+    temperature_at,
+    warmup_steps,
+)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
@@ -127,3 +138,61 @@ def test_temperature_ramps_linearly_from_start_to_end():
 def test_two_stages():
     assert [loss_stage(s, 3) for s in range(5)] == [1, 1, 1, 2, 2]
     assert loss_stage(0, 0) == 2
+
+
+def test_warmup_in_steps_replaces_the_ratio():
+    fn = make_lr_lambda("constant", 100, 0.5, warmup=4)
+    assert [fn(s) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert make_lr_lambda("constant", 100, 0.0, warmup=0)(0) == 1.0
+
+
+def test_warmup_steps_and_ratio_are_one_or_the_other():
+    from rayjobs.distillation.config import OptimConfig
+
+    assert OptimConfig(warmup_steps=10).warmup(1000) == 10
+    assert OptimConfig().warmup(100) == 5 and OptimConfig(warmup_ratio=0.2).warmup(100) == 20  # default 0.05
+    # What the workers get is the dumped config: it must validate again.
+    assert OptimConfig.model_validate(OptimConfig(warmup_steps=10).model_dump(mode="json")).warmup(1000) == 10
+    with pytest.raises(ValueError, match="warmup_steps and optim.warmup_ratio both set"):
+        OptimConfig(warmup_steps=10, warmup_ratio=0.1)
+    with pytest.raises(ValueError, match="must be below optim.max_steps"):
+        OptimConfig(warmup_steps=10, max_steps=10)
+
+
+def _phases(*raw):
+    from rayjobs.distillation.recipe_config import TemperaturePhase, check_phases
+
+    return check_phases([TemperaturePhase(**p) for p in raw])
+
+
+def test_temperature_phases_in_epochs_and_steps():
+    by_epoch = _phases({"until_epoch": 1, "temperature": 2.0}, {"temperature": 1.0})
+    assert [phase_temperature(s, by_epoch, steps_per_epoch=3) for s in range(5)] == [2.0, 2.0, 2.0, 1.0, 1.0]
+    by_step = _phases({"until_step": 1, "temperature": 4.0}, {"until_step": 3, "temperature": 2.0},
+                      {"temperature": 1.0})
+    assert [phase_temperature(s, by_step, 0) for s in range(5)] == [4.0, 2.0, 2.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("raw,match", [
+    ([{"until_step": 2, "temperature": 2.0}], "last .* has no until_step"),
+    ([{"temperature": 2.0}, {"temperature": 1.0}], "needs until_step or until_epoch"),
+    ([{"until_step": 2, "temperature": 2.0}, {"until_epoch": 2, "temperature": 1.5}, {"temperature": 1.0}], "mix"),
+    ([{"until_step": 3, "temperature": 2.0}, {"until_step": 3, "temperature": 1.5}, {"temperature": 1.0}], "increase"),
+])
+def test_temperature_phases_refuse_ambiguous_schedules(raw, match):
+    with pytest.raises(ValueError, match=match):
+        _phases(*raw)
+
+
+def test_progressive_start_steps_lowest_student_layer_first():
+    assert layer_start_steps([1, 2, 3], every=5) == (0, 5, 10)
+    assert layer_start_steps([3, 0, 3, 1], every=2) == (4, 0, 4, 2)  # pairs on one student layer join together
+    assert active_pairs(0, (0, 5, 10), 3) == (True, False, False)
+    assert active_pairs(5, (0, 5, 10), 3) == (True, True, False)
+    assert active_pairs(99, (0, 5, 10), 3) == (True, True, True)
+    assert active_pairs(0, None, 2) == (True, True)
+
+
+def test_temperature_phases_in_epochs_need_the_plans_steps_per_epoch():
+    with pytest.raises(ValueError, match="steps per epoch"):
+        phase_temperature(0, _phases({"until_epoch": 1, "temperature": 2.0}, {"temperature": 1.0}), 0.0)

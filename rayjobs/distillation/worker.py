@@ -24,13 +24,14 @@ from dataclasses import dataclass
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from cluster.storage import filesystem, is_s3, localize, read_bytes, write_bytes
+from cluster.storage import filesystem, is_s3, join, localize, read_bytes, write_bytes
 from rayjobs.distillation import batch_loss
 from rayjobs.distillation.deepspeed_config import build_deepspeed_config
 from rayjobs.distillation.config import DistillationConfig
 from rayjobs.distillation.feature_losses import DistillModule
 from rayjobs.distillation.schedule import make_lr_lambda, param_groups
 from rayjobs.distillation.checkpoints import Checkpointer, TrainerState, restore
+from rayjobs.distillation.on_policy import OnPolicyRows
 
 
 class RayCollate(NumpyBatchCollateFn):
@@ -229,9 +230,30 @@ class _Worker:
     loss: batch_loss.BatchLoss
     collate_fn: RayCollate
     progress: object  # () -> dict of teacher-side curve columns (batch_loss.WorkerLoss.progress)
+    val_collate: RayCollate | None = None  # on-policy runs validate on the stored samples (off-policy collate)
+    sampler: object = None  # on-policy runs: rayjobs.distillation.sampler.SamplerLink
 
     def __post_init__(self):
         self.checkpointer = Checkpointer(self.engine, self.state, self.rank, self.world, self.config["run_dir"])
+        self.val_collate = self.val_collate or self.collate_fn
+
+    def refresh_sampler(self) -> dict:
+        """Push the current weights to the on-policy sampler (every rank: a collective under ZeRO-3)."""
+        timings = self.sampler.refresh(
+            self.state.step, lambda: _gathered_state_dict(self.engine, self.cfg.deepspeed.zero_stage, self.rank),
+            lambda weights, location: publish_merged(weights, self.student_dir, self.cfg, location),
+            join(self.config["run_dir"], "sampler_weights"), self.rank, self.world)
+        self.state.sampler_step = self.state.step
+        return timings
+
+    def _on_policy_row(self, total_steps: int) -> dict:
+        """This step's rollout columns, and the sampler refresh when one is due."""
+        row = self.sampler.step_row()
+        self.state.on_policy_batches += row["on_policy_batches"]
+        step = self.state.step
+        if step % self.cfg.on_policy.sync_every == 0 and step < total_steps:
+            row.update(self.refresh_sampler())
+        return row
 
     def train(self, shard, total_steps: int) -> None:
         cfg, state, engine = self.cfg, self.state, self.engine
@@ -239,6 +261,10 @@ class _Worker:
         micro = 0
         meter = _StepMeter(self.loss.terms)
         engine.train()
+        if self.sampler is not None and state.step > 0:
+            # A resume: the sampler holds the first weights (a new driver) or a failed attempt's later ones.
+            print(f"distill: on-policy sampler refreshed from the restored step {state.step}: {self.refresh_sampler()}",
+                  flush=True)
         while state.step < total_steps:
             seen = 0
             for batch in shard.iter_torch_batches(
@@ -251,7 +277,10 @@ class _Worker:
                 seen += 1
                 if seen <= state.batches_in_epoch:
                     continue  # replaying the stream up to the checkpoint (see "resume")
-                out = self.loss(engine, batch, state.step)
+                on_policy = isinstance(batch, OnPolicyRows)
+                if on_policy:
+                    batch = self.sampler.rollout(batch, state.step)
+                out = self.loss(engine, batch, state.step, on_policy)
                 engine.backward(out.total)
                 engine.step()  # DeepSpeed steps the optimizer and LR schedule every ga-th call
                 state.batches_in_epoch += 1
@@ -265,6 +294,8 @@ class _Worker:
                 row = meter.row(state, base_lr * self.lr_lambda(state.step - 1), self.world, ga)
                 row.update(self.loss.schedule_row(state.step - 1))
                 row.update(self.progress())
+                if self.sampler is not None:
+                    row.update(self._on_policy_row(total_steps))
                 state.tokens += row["tokens"]
                 if self.rank == 0:
                     state.history.append(row)
@@ -288,7 +319,7 @@ class _Worker:
         if state.history:
             metrics.update({k: state.history[-1][k] for k in self.loss.terms})
         if self.config["has_val"]:
-            metrics.update(_val_metrics(self.engine, self.loss, self.collate_fn, self.cfg.optim.micro_batch_size,
+            metrics.update(_val_metrics(self.engine, self.loss, self.val_collate, self.cfg.optim.micro_batch_size,
                                         self.world, max(state.step - 1, 0)))
         weights = _gathered_state_dict(self.engine, self.cfg.deepspeed.zero_stage, self.rank)
         if self.rank == 0:
@@ -322,5 +353,13 @@ def train_loop_per_worker(config: dict) -> None:
         engine=engine, lr_lambda=lr_lambda, state=restore(engine, TrainerState(), config["run_dir"]),
         loss=parts.loss, collate_fn=RayCollate(parts.collate), progress=parts.progress,
     )
+    if cfg.on_policy.enabled:
+        from rayjobs.distillation.on_policy import cross_view
+        from rayjobs.distillation.sampler import SamplerLink
+
+        scored = parts.collate.off_policy
+        worker.val_collate = RayCollate(scored)
+        worker.sampler = SamplerLink(config["sampler"], cfg.on_policy, scored, int(config["max_seq_len"]),
+                                     cross_view(tokenizer, teacher_tok))
     worker.train(ray.train.get_dataset_shard("train"), total_steps)
     worker.finish()

@@ -14,7 +14,10 @@ scored and the wall time, then one JSON line: ``on_policy_mean_em``, ``off_polic
 ``paired_diff_mean`` (on minus off, per seed), ``paired_diff_ci95`` (t interval over seeds),
 ``teacher_scored_tokens_per_s`` (median over on-policy steps of the scoring rate of the student's
 samples), and both arms' mean teacher agreement and wall seconds.
-Usage: python bench/on_policy.py [--seeds 5] [--sft-steps 300] [--steps 100] [--fraction 0.5] [--out runs/on-policy-bench]
+``--tiny`` runs it all on the tests' tiny world instead (untrained models, seconds to build): the
+plumbing and the costs, not a quality comparison (every EM is 0 there).
+Usage: python bench/on_policy.py [--seeds 5] [--sft-steps 300] [--steps 100] [--fraction 0.5] [--tiny]
+[--out runs/on-policy-bench]
 """
 
 from __future__ import annotations
@@ -92,6 +95,19 @@ def run_seed(seed: int, args, common: list[str], sft: str, logs) -> dict:
     return figures
 
 
+def tiny_world(out: str) -> tuple[list[str], str]:
+    """Config overrides pointing the ``demo:`` references at the tiny world (built once, cached), and its student."""
+    from cluster.storage import cache_dir
+    from rayjobs.demo.world import DemoRecipe, prepare
+
+    world = prepare(os.path.join(cache_dir(), "bench-tiny-world"), DemoRecipe.tiny(), progress=lambda *a: None)
+    return [f"generation.teacher={world.teacher}", f"generation.input.path={world.train_jsonl}",
+            f"generation.student_tokenizer={world.student_same_tokenizer}",
+            f"generation.output={out}/generated", f"distillation.data={out}/generated",
+            "generation.preprocess.drop_truncated=false", "generation.preprocess.keep=all"], str(
+        world.student_same_tokenizer)
+
+
 def main() -> None:
     from cluster.ports import free_port
 
@@ -100,15 +116,19 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=300, help="phase 1: data-distillation steps (the shared start)")
     ap.add_argument("--steps", type=int, default=100, help="phase 2: steps of each arm")
     ap.add_argument("--fraction", type=float, default=0.5, help="on-policy arm's on_policy.fraction")
+    ap.add_argument("--tiny", action="store_true", help="the tiny world: plumbing and costs, not quality")
     ap.add_argument("--out", default="runs/on-policy-bench")
     args = ap.parse_args()
     logs = ROOT / args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    common = [f"teacher_service.port={free_port()}"]
+    common, student = [f"teacher_service.port={free_port()}"], "demo:student-same-tokenizer"
+    if args.tiny:
+        overrides, student = tiny_world(str(ROOT / args.out))
+        common += overrides
     gen_s = run_job("rayjobs.generate", common, logs / "generate.log", CONFIG)
     print(f"generation ready ({gen_s:.0f} s, skipped when complete)", flush=True)
     sft_out = f"{args.out}/sft/distill"
-    sft_s = run_job("rayjobs.distill", [*common, "name=onpol-sft", "distillation.student=demo:student-same-tokenizer",
+    sft_s = run_job("rayjobs.distill", [*common, "name=onpol-sft", f"distillation.student={student}",
                                         f"distillation.output={sft_out}", "distillation.loss.kind=data",
                                         "distillation.on_policy.fraction=0", f"distillation.optim.max_steps={args.sft_steps}"],
                     logs / "sft.log", CONFIG)

@@ -6,7 +6,8 @@ names it; every training worker reaches it through a ``SamplerLink``. Every
 rank 0 (a collective under ZeRO-3), written as an HF directory (LoRA merged into the base) to
 ``<checkpoint run dir>/sampler_weights`` (local or s3://, so the actor may live on another node),
 and the actor reloads them in place (vLLM's ``reload_weights``: no engine restart, the KV cache
-and compiled state stay). Cost per refresh = gather + write + read; the curve rows log it
+and compiled state stay; ``WeightRefresh`` re-ties a tied LM head, which that reload leaves on the
+old weights). Cost per refresh = gather + write + read; the curve rows log it
 (``sampler_sync_s``, ``sampler_write_s``, ``sampler_reload_s``). With LoRA the whole merged model
 is written, not only the adapter: vLLM's LoRA path would add punica kernels and a second weight
 set per request for a one-adapter engine; the price is writing the full model each refresh.
@@ -26,10 +27,27 @@ from rayjobs.distillation.config import OnPolicyConfig
 from rayjobs.distillation.on_policy import OnPolicyRows, RolloutStats, continuation_columns, token_budgets
 
 
+class WeightRefresh:
+    """vLLM worker extension (mixed into the engine's worker; called by name through ``collective_rpc``).
+
+    vLLM's layer-wise ``reload_weights`` finds no ``lm_head.weight`` in a tied model's checkpoint and
+    puts the head's *old* tensor back, so the head would stop being the (new) embedding: seen here as
+    greedy samples that no longer matched transformers on the same weights. The head is tied again
+    and re-processed (on CPU that repacks it for the GEMM kernel).
+    """
+
+    def refresh_weights(self, path: str) -> None:
+        self.reload_weights(weights_path=path)
+        model = self.model_runner.get_model()
+        if getattr(self.model_config.hf_config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+            head = model.lm_head.tie_weights(model.model.embed_tokens)
+            head.quant_method.process_weights_after_loading(head)
+
+
 def engine_kwargs(op: OnPolicyConfig, model_dir: str, max_seq_len: int, seed: int) -> dict:
     """vLLM arguments of the sampler: the KV cache in bytes on CPU (``cluster.kv_cache``), eager, safetensors."""
     kwargs = {"max_model_len": max_seq_len, "enforce_eager": True, "load_format": "safetensors", "seed": seed,
-              "max_num_seqs": 64}
+              "max_num_seqs": 64, "worker_extension_cls": f"{__name__}.WeightRefresh"}
     if op.num_gpus == 0 or op.kv_cache_gib is not None:
         kv = resolve_kv_cache(op.kv_cache_gib, model_dir, max_seq_len, kwargs["max_num_seqs"])
         kwargs["kv_cache_memory_bytes"] = kv.bytes
@@ -57,7 +75,7 @@ class StudentSampler:
     def reload(self, location: str, step: int) -> float:
         """Load the weights written at ``location`` in place; returns the seconds it took."""
         started = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": localize(location)})
+        self.llm.collective_rpc("refresh_weights", args=(localize(location),))
         self.llm.reset_prefix_cache()
         self.step = step
         return time.perf_counter() - started

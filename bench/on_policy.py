@@ -125,7 +125,8 @@ def main() -> None:
     if args.tiny:
         overrides, student = tiny_world(str(ROOT / args.out))
         common += overrides
-    gen_s = run_job("rayjobs.generate", common, logs / "generate.log", CONFIG)
+    # Phase 2's student (the config's) does not exist yet; the shards need only its tokenizer (set in the config).
+    gen_s = run_job("rayjobs.generate", [*common, f"distillation.student={student}"], logs / "generate.log", CONFIG)
     print(f"generation ready ({gen_s:.0f} s, skipped when complete)", flush=True)
     sft_out = f"{args.out}/sft/distill"
     sft_s = run_job("rayjobs.distill", [*common, "name=onpol-sft", f"distillation.student={student}",

@@ -211,8 +211,11 @@ def _progress(row: dict, total_steps: int) -> None:
     """About twenty lines per run on the driver's console (Ray forwards worker stdout)."""
     step = row["step"]
     if step == 1 or step == total_steps or step % max(1, total_steps // 20) == 0:
+        on_policy = (f"; on-policy: {row['on_policy_batches']} batches, sampled {row['sampled_tokens_per_s']:.0f} "
+                     f"tokens/s, scored {row['scored_tokens_per_s']:.0f} tokens/s, policy lag {row['policy_lag']}"
+                     if "policy_lag" in row else "")
         print(f"distill: step {step}/{total_steps} epoch {row['epoch']} loss {row['loss']:.4f} "
-              f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tokens/s", flush=True)
+              f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tokens/s{on_policy}", flush=True)
 
 
 @dataclass
@@ -261,7 +264,7 @@ class _Worker:
         micro = 0
         meter = _StepMeter(self.loss.terms)
         engine.train()
-        if self.sampler is not None and state.step > 0:
+        if self.sampler is not None and 0 < state.step < total_steps:
             # A resume: the sampler holds the first weights (a new driver) or a failed attempt's later ones.
             print(f"distill: on-policy sampler refreshed from the restored step {state.step}: {self.refresh_sampler()}",
                   flush=True)

@@ -150,3 +150,17 @@ def test_on_policy_batches_take_their_own_divergence():
     assert (off.divergence, off.alpha) == ("forward_kl", 0.5)
     assert (on.divergence, on.alpha) == ("reverse_kl", 1.0)
     assert torch.is_grad_enabled()
+
+
+def test_sampler_engine_kwargs(tmp_path):
+    from rayjobs.distillation.config import OnPolicyConfig
+    from rayjobs.distillation.sampler import engine_kwargs
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 1,
+        "num_key_value_heads": 1, "torch_dtype": "float32", "max_position_embeddings": 128}))
+    student = str(tmp_path)
+    cpu = engine_kwargs(OnPolicyConfig(fraction=1.0, engine_kwargs={"dtype": "float32"}), student, 128, 3)
+    assert cpu["kv_cache_memory_bytes"] > 0 and cpu["max_model_len"] == 128 and cpu["seed"] == 3
+    assert cpu["dtype"] == "float32" and cpu["worker_extension_cls"].endswith("sampler.WeightRefresh")
+    assert "kv_cache_memory_bytes" not in engine_kwargs(OnPolicyConfig(num_gpus=1), student, 128, 0)  # vLLM's fraction

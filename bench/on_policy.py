@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,12 +52,12 @@ def start_teacher(common: list[str], log) -> subprocess.Popen:
     from rayjobs.config import load_config
     from rayjobs.distillation.service_teacher import client_for
 
+    client = client_for(load_config(str(ROOT / CONFIG), common).distillation.teacher.service)
+    client.retries = 0
     args = [sys.executable, "-m", "rayjobs.teacher", "--config", CONFIG]
     for o in common:
         args += ["--set", o]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
-    client = client_for(load_config(str(ROOT / CONFIG), common).distillation.teacher.service)
-    client.retries = 0
     deadline = time.monotonic() + 900
     while True:
         try:
@@ -64,9 +65,19 @@ def start_teacher(common: list[str], log) -> subprocess.Popen:
             return proc
         except Exception:  # noqa: BLE001 - not up yet: connection refused, 404 before the app is deployed
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
+                stop_teacher(proc)
                 raise SystemExit("the teacher service did not start; see its log") from None
             time.sleep(5)
+
+
+def stop_teacher(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as `raystill teacher serve` expects (it shuts its Ray down); killed if that takes over a minute."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def arm_figures(out: str) -> dict:
@@ -121,6 +132,8 @@ def main() -> None:
     args = ap.parse_args()
     logs = ROOT / args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    # Every process of the run reads this worktree's code (the bench, the jobs, their Ray workers).
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     common, student = [f"teacher_service.port={free_port()}"], "demo:student-same-tokenizer"
     if args.tiny:
         overrides, student = tiny_world(str(ROOT / args.out))
@@ -141,8 +154,7 @@ def main() -> None:
         try:
             runs = [run_seed(seed, args, common, str(ROOT / sft_out / "merged"), logs) for seed in range(args.seeds)]
         finally:
-            teacher.terminate()
-            teacher.wait(timeout=60)
+            stop_teacher(teacher)
     em = {arm: [r[arm]["em"] for r in runs] for arm in ("off", "on")}
     diffs = [a - b for a, b in zip(em["on"], em["off"], strict=True)]
     rates = [x for r in runs for x in r["on"]["scoring_rates"]]

@@ -144,7 +144,10 @@ class RolloutStats:
         self.lag = max(self.lag, lag)
 
     def row(self) -> dict:
-        """Curve columns (rank 0's view): rates over the time spent sampling and scoring, the largest lag."""
+        """Curve columns (rank 0's view): rates over the time spent sampling and scoring, the largest lag;
+        a step without on-policy batches has only the count (no rate or lag to speak of)."""
+        if not self.batches:
+            return {"on_policy_batches": 0}
         return {"on_policy_batches": self.batches, "sampled_tokens": self.sampled_tokens,
                 "sampled_tokens_per_s": self.sampled_tokens / self.sample_s if self.sample_s else 0.0,
                 "scored_tokens_per_s": self.scored_tokens / self.score_s if self.score_s else 0.0,

@@ -23,7 +23,7 @@ import time
 from cluster.connect import ray_init, require_shared
 from cluster.errors import ConfigError
 from cluster.model_refs import read_model_file
-from cluster.storage import join, release, write_json
+from cluster.storage import follow_release, join, release, write_json
 from datasets_pipeline.diagnostics import one_hot_warning, summarize
 from rayjobs.config import DISTILL_DIGEST_EXCLUDE, PipelineConfig
 from rayjobs.distillation import engine, plan
@@ -128,7 +128,7 @@ def train(cfg: PipelineConfig, log=print) -> dict:
     warning = teacher_warning(d, manifest)
     if warning:
         log(f"distill: warning: {warning}")
-    student = engine.absolute(resolve_ref(d.student))
+    student = engine.absolute(follow_release(resolve_ref(d.student)))  # a released run's student (two-phase recipes)
     teacher = engine.absolute(resolve_ref(d.teacher.model)) if d.online_teacher or d.service_teacher else None
     ray_init(cfg.cluster)
     require_shared({"distillation.output": d.output, "distillation.data": data})

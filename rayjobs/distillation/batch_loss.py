@@ -53,6 +53,7 @@ from rayjobs.distillation.feature_losses import (
     uniform_layer_map,
 )
 from rayjobs.distillation.losses import LossSettings, TopKTeacher, divergence_term
+from rayjobs.distillation.on_policy import OnPolicyCollate
 from rayjobs.distillation.online_teacher import OnlineCollate, OnlineTeacher, TeacherTokens, load_teacher
 from rayjobs.distillation.schedule import layer_start_steps, linear_ramp, loss_stage, phase_temperature, temperature_at
 from rayjobs.distillation.service_teacher import ServiceCollate, ServiceTopK, client_for
@@ -85,10 +86,14 @@ class BatchLoss:
         contrastive = ("contrastive",) if self.cfg.loss.contrastive.weight else ()
         return BASE_TERMS + (FEATURE_TERMS if self.feature else ()) + contrastive
 
-    def settings_at(self, step: int) -> LossSettings:
+    def settings_at(self, step: int, on_policy: bool = False) -> LossSettings:
+        """The loss in force for update ``step + 1``; on-policy batches take ``on_policy``'s divergence and alpha."""
         loss, sched = self.cfg.loss, self.cfg.loss.schedule
         kind = "data" if loss.kind == "data" else "logit"
         settings = LossSettings(kind=kind, **loss.settings_fields())
+        if on_policy:
+            op = self.cfg.on_policy
+            settings = dataclasses.replace(settings, divergence=op.divergence, alpha=op.alpha)
         if sched.temperatures is not None:
             return dataclasses.replace(settings, temperature=phase_temperature(step, sched.temperatures,
                                                                                self.steps_per_epoch))
@@ -118,9 +123,9 @@ class BatchLoss:
             row["feature_sigma"] = self.noise_sigma(step)
         return row
 
-    def __call__(self, engine, batch: dict, step: int):
+    def __call__(self, engine, batch: dict, step: int, on_policy: bool = False):
         device = engine.device
-        settings = self.settings_at(step)
+        settings = self.settings_at(step, on_policy)
         labels = batch["labels"].to(device)
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         with_attention = bool(self.feature and self.feature.attention_weight > 0)
@@ -242,7 +247,10 @@ def build(cfg: DistillationConfig, total_steps: int, student_tok, student_config
     if cfg.service_teacher:
         ref = cfg.teacher.service
         topk = ServiceTopK(client_for(ref), teacher_tok, ref.top_k)
-        return WorkerLoss(loss, ServiceCollate(settings, topk), None, None, topk)
+        scored = ServiceCollate(settings, topk)
+        if cfg.on_policy.enabled:  # chosen batches leave the collate unscored (rayjobs.distillation.on_policy)
+            return WorkerLoss(loss, OnPolicyCollate(scored, cfg.on_policy.fraction, cfg.seed), None, None, topk)
+        return WorkerLoss(loss, scored, None, None, topk)
     if not cfg.online_teacher:
         return WorkerLoss(loss, functools.partial(collate, settings=settings), None, None)
     from transformers import AutoConfig

@@ -128,6 +128,8 @@ class TrainerState:
     tokens: int = 0
     attempt: int = 0
     restored_from: list[int] = field(default_factory=list)
+    sampler_step: int = 0  # on-policy: the step of the sampler's weights (a resume refreshes it)
+    on_policy_batches: int = 0  # on-policy micro-batches rank 0 trained on so far
     history: list[dict] = field(default_factory=list)
     final: dict = field(default_factory=dict)
     # Early stopping (rayjobs.distillation.early_stopping): the best evaluation so far and where its

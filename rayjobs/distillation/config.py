@@ -155,6 +155,35 @@ class TeacherConfig(StrictModel):
         return self
 
 
+class OnPolicyConfig(StrictModel):
+    """GKD-style on-policy batches: the student samples, the teacher service scores its tokens
+    (rayjobs/distillation/on_policy.py; the sampler is rayjobs/distillation/sampler.py)."""
+
+    fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="GKD's lambda: share of micro-batches whose continuations are sampled from "
+        "the current student (chosen per batch by a seeded hash of its prompts, so a resume replays the same "
+        "choices); 0: off.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of the student's rollouts (0: greedy).")
+    max_new_tokens: int = Field(64, ge=1, description="Longest sampled continuation (also capped by max_seq_len).")
+    sync_every: int = Field(
+        1, ge=1, description="Optimizer steps between refreshes of the sampler's weights from the trainer "
+        "(policy lag is at most this minus one).")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl"] = Field(
+        "reverse_kl", description="Divergence on on-policy batches (reverse KL: GKD's and Qwen3's choice); "
+        "off-policy batches keep loss.divergence.")
+    alpha: float = Field(1.0, ge=0.0, le=1.0, description="Weight of KD on on-policy batches; (1-alpha) weights "
+                         "cross-entropy on the student's own samples (usually 0: nothing to imitate there).")
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs the sampler actor reserves.")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs the sampler actor reserves (1 on GPU clusters).")
+    kv_cache_gib: float | None = Field(None, gt=0.0, description="Sampler's vLLM KV cache; default: derived from the "
+                                       "student's shape (cluster/kv_cache.py).")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments, merged last.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0
+
+
 class LoraConfig(StrictModel):
     """Train low-rank adapters instead of the full student; they are merged into the saved model."""
 
@@ -341,6 +370,7 @@ class DistillationConfig(StrictModel):
         "max_position_embeddings): cut to fit, or left out of training. Both are counted in summary.json.")
     loss: LossConfig = Field(default_factory=LossConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     dropout: DropoutConfig = Field(default_factory=DropoutConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -419,4 +449,12 @@ class DistillationConfig(StrictModel):
         if self.loss.contrastive.weight and not self.online_teacher:
             raise ValueError("distillation.loss.contrastive needs the teacher's hidden states: kind 'feature', or "
                              "kind 'logit' with teacher.source 'online'")
+        return self
+
+    @model_validator(mode="after")
+    def _on_policy_needs_service(self):
+        if self.on_policy.enabled and not self.service_teacher:
+            raise ValueError("distillation.on_policy.fraction > 0 needs the teacher scoring service to score the "
+                             "student's samples: set distillation.loss.kind 'logit' and distillation.teacher.source "
+                             "'service' (or on_policy.fraction: 0)")
         return self

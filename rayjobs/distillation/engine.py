@@ -73,6 +73,10 @@ def build_loop_config(d: DistillationConfig, run_name: str, *, student: str, tea
         "has_val": has_val,
         "em_sample": em_sample,
     }
+    if d.on_policy.enabled:
+        from rayjobs.distillation.sampler import actor_name
+
+        loop["sampler"] = actor_name(run_name)
     crash_at = os.environ.get(CRASH_ENV)
     if crash_at:
         loop["crash_at_step"] = int(crash_at)
@@ -116,7 +120,18 @@ def fit(d: DistillationConfig, run_name: str, loop_config: dict, datasets: dict,
         # Per-worker order must be reproducible for resume to replay the same batches.
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
+    sampler = None
+    if d.on_policy.enabled:  # outlives worker-group restarts: a resumed attempt refreshes it
+        from rayjobs.distillation.sampler import start
+
+        sampler = start(d.on_policy, loop_config["student"], run_name, loop_config["max_seq_len"], d.seed)
+    try:
+        result = trainer.fit()
+    finally:
+        if sampler is not None:
+            import ray
+
+            ray.kill(sampler)
     if result.error:
         raise result.error
     state = read_trainer_state(result.checkpoint)

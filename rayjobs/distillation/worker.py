@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from cluster.storage import filesystem, is_s3, localize, read_bytes, write_bytes
+from cluster.storage import filesystem, is_s3, join, localize, read_bytes, write_bytes
 from rayjobs.distillation import batch_loss, early_stopping
 from rayjobs.distillation.deepspeed_config import build_deepspeed_config
 from rayjobs.distillation.config import DistillationConfig
@@ -33,6 +33,7 @@ from rayjobs.distillation.regularize import add_hidden_dropout, attention_dropou
 from rayjobs.distillation.schedule import make_lr_lambda, param_groups
 from rayjobs.distillation.checkpoints import Checkpointer, TrainerState, restore
 from rayjobs.distillation.validation import EmSample, all_reduce_sum, generation_model, val_loss_metrics
+from rayjobs.distillation.on_policy import OnPolicyRows
 
 
 class RayCollate(NumpyBatchCollateFn):
@@ -186,8 +187,11 @@ def _progress(row: dict, total_steps: int) -> None:
     """About twenty lines per run on the driver's console (Ray forwards worker stdout)."""
     step = row["step"]
     if step == 1 or step == total_steps or step % max(1, total_steps // 20) == 0:
+        on_policy = (f"; on-policy: {row['on_policy_batches']} batches, sampled {row['sampled_tokens_per_s']:.0f} "
+                     f"tokens/s, scored {row['scored_tokens_per_s']:.0f} tokens/s, policy lag {row['policy_lag']}"
+                     if "policy_lag" in row else "")
         print(f"distill: step {step}/{total_steps} epoch {row['epoch']} loss {row['loss']:.4f} "
-              f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tokens/s", flush=True)
+              f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tokens/s{on_policy}", flush=True)
 
 
 @dataclass
@@ -207,13 +211,34 @@ class _Worker:
     progress: object  # () -> dict of teacher-side curve columns (batch_loss.WorkerLoss.progress)
     tokenizer: object
     em_sample: EmSample | None = None
+    val_collate: RayCollate | None = None  # on-policy runs validate on the stored samples (off-policy collate)
+    sampler: object = None  # on-policy runs: rayjobs.distillation.sampler.SamplerLink
 
     def __post_init__(self):
         self.checkpointer = Checkpointer(self.engine, self.state, self.rank, self.world, self.config["run_dir"])
+        self.val_collate = self.val_collate or self.collate_fn
+
+    def refresh_sampler(self) -> dict:
+        """Push the current weights to the on-policy sampler (every rank: a collective under ZeRO-3)."""
+        timings = self.sampler.refresh(
+            self.state.step, lambda: _gathered_state_dict(self.engine, self.cfg.deepspeed.zero_stage, self.rank),
+            lambda weights, location: publish_merged(weights, self.student_dir, self.cfg, location),
+            join(self.config["run_dir"], "sampler_weights"), self.rank, self.world)
+        self.state.sampler_step = self.state.step
+        return timings
+
+    def _on_policy_row(self, total_steps: int) -> dict:
+        """This step's rollout columns, and the sampler refresh when one is due."""
+        row = self.sampler.step_row()
+        self.state.on_policy_batches += row["on_policy_batches"]
+        step = self.state.step
+        if step % self.cfg.on_policy.sync_every == 0 and step < total_steps:
+            row.update(self.refresh_sampler())
+        return row
 
     def evaluate(self) -> dict:
         """Validation loss terms (and exact match on the EM sample) now; every rank gets the same numbers."""
-        metrics = val_loss_metrics(self.engine, self.loss, self.collate_fn, self.cfg.optim.micro_batch_size,
+        metrics = val_loss_metrics(self.engine, self.loss, self.val_collate, self.cfg.optim.micro_batch_size,
                                    self.world, max(self.state.step - 1, 0))
         if self.em_sample is not None:
             metrics.update(self.em_sample.metrics(generation_model(self.engine), self.tokenizer, self.rank,
@@ -262,6 +287,10 @@ class _Worker:
         micro = 0
         meter = _StepMeter(self.loss.terms)
         engine.train()
+        if self.sampler is not None and 0 < state.step < total_steps:
+            # A resume: the sampler holds the first weights (a new driver) or a failed attempt's later ones.
+            print(f"distill: on-policy sampler refreshed from the restored step {state.step}: {self.refresh_sampler()}",
+                  flush=True)
         while state.step < total_steps and state.stopped_at is None:
             seen = 0
             for batch in shard.iter_torch_batches(
@@ -274,7 +303,10 @@ class _Worker:
                 seen += 1
                 if seen <= state.batches_in_epoch:
                     continue  # replaying the stream up to the checkpoint (see "resume")
-                out = self.loss(engine, batch, state.step)
+                on_policy = isinstance(batch, OnPolicyRows)
+                if on_policy:
+                    batch = self.sampler.rollout(batch, state.step)
+                out = self.loss(engine, batch, state.step, on_policy)
                 engine.backward(out.total)
                 engine.step()  # DeepSpeed steps the optimizer and LR schedule every ga-th call
                 state.batches_in_epoch += 1
@@ -288,6 +320,8 @@ class _Worker:
                 row = meter.row(state, base_lr * self.lr_lambda(state.step - 1), self.world, ga)
                 row.update(self.loss.schedule_row(state.step - 1))
                 row.update(self.progress())
+                if self.sampler is not None:
+                    row.update(self._on_policy_row(total_steps))
                 self.periodic_eval(row)
                 state.tokens += row["tokens"]
                 if self.rank == 0:
@@ -357,5 +391,13 @@ def train_loop_per_worker(config: dict) -> None:
         loss=parts.loss, collate_fn=RayCollate(parts.collate), progress=parts.progress, tokenizer=tokenizer,
         em_sample=EmSample(**config["em_sample"]) if config.get("em_sample") else None,
     )
+    if cfg.on_policy.enabled:
+        from rayjobs.distillation.on_policy import cross_view
+        from rayjobs.distillation.sampler import SamplerLink
+
+        scored = parts.collate.off_policy
+        worker.val_collate = RayCollate(scored)
+        worker.sampler = SamplerLink(config["sampler"], cfg.on_policy, scored, int(config["max_seq_len"]),
+                                     cross_view(tokenizer, teacher_tok))
     worker.train(ray.train.get_dataset_shard("train"), total_steps)
     worker.finish()

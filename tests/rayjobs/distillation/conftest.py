@@ -74,6 +74,35 @@ def distill_config(tiny_world, xtok_world):
     return lambda name, distillation, **sections: write_config(tiny_world, xtok_world, name, distillation, **sections)
 
 
+@pytest.fixture(scope="module")
+def serve_teacher(distill_config, xtok_world, ray_local):
+    """``serve_teacher(name, distillation, key) -> (config, sections)``: ``raystill teacher serve`` on the
+    tiny teacher (one CPU replica), left running for the module; ``sections`` make more configs for it.
+    Serve is shut down after the module (not only the app: the next module starts it on its own port)."""
+    import time
+
+    from ray import serve
+
+    from cluster.ports import free_port
+    from rayjobs import teacher as teacher_job
+    from rayjobs.config import load_config
+
+    def start(name: str, distillation: dict, key: str):
+        (xtok_world / "teacher-key").write_text(key)
+        sections = {"teacher_service": {
+            "port": free_port(), "api_key_file": str(xtok_world / "teacher-key"), "api_key_env": None,
+            "max_model_len": 256, "engine_kwargs": {"dtype": "float32"}, "limits": {"max_top_k": 8},
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}
+        cfg = load_config(distill_config(name, distillation, **sections))
+        started = time.monotonic()
+        teacher_job.run(cfg, log=print, block=False)
+        print(f"teacher service ready in {time.monotonic() - started:.0f} s")
+        return cfg, sections
+
+    yield start
+    serve.shutdown()
+
+
 def write_config(world, root: Path, name: str, distillation: dict, **sections) -> Path:
     cfg = {
         "name": name,

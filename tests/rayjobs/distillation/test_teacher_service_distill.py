@@ -16,7 +16,6 @@ import time
 import numpy as np
 import pytest
 
-from cluster.ports import free_port
 from rayjobs.serve import local_ray_env
 
 pytestmark = pytest.mark.slow
@@ -28,26 +27,11 @@ TOPK = 4  # the shards' stored top-k
 
 
 @pytest.fixture(scope="module")
-def service(distill_config, xtok_world, ray_local):
-    from ray import serve
-
-    from rayjobs import teacher as teacher_job
-    from rayjobs.config import load_config
-
-    (xtok_world / "teacher-key").write_text(KEY)
-    sections = {"teacher_service": {
-        "port": free_port(), "api_key_file": str(xtok_world / "teacher-key"), "api_key_env": None,
-        "max_model_len": 256, "engine_kwargs": {"dtype": "float32"}, "limits": {"max_top_k": 8},
-        "autoscaling": {"min_replicas": 1, "max_replicas": 1}}}
+def service(serve_teacher):
     distillation = {"loss": {"kind": "logit", "alpha": 0.5},
                     "teacher": {"source": "service", "service": {"top_k": TOPK, "retries": 12}},
                     "optim": {"lr": 3e-3, "max_steps": 3, "micro_batch_size": 8}}
-    cfg = load_config(distill_config("service-logit", distillation, **sections))
-    started = time.monotonic()
-    teacher_job.run(cfg, log=print, block=False)
-    print(f"teacher service ready in {time.monotonic() - started:.0f} s")
-    yield cfg
-    serve.shutdown()  # not only the app: the next module starts Serve on its own port
+    return serve_teacher("service-logit", distillation, KEY)[0]
 
 
 def test_service_topk_are_the_stored_topk(service, tiny_world, xtok_world):

@@ -81,6 +81,9 @@ def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     ``from_pylist`` converts a NumPy value element by element: about 19 µs per generated token
     at k = 20 on the 2-core machine, more than the rest of the row's handling together.
     """
+    missing = sorted({f.name for f in schema for r in rows if f.name not in r})
+    if missing:
+        raise ValueError(f"rows lack the schema's fields {missing}: build them with every field of the schema")
     arrays = []
     for f in schema:
         values = [r[f.name] for r in rows]

@@ -113,13 +113,15 @@ def run(cfg: PipelineConfig, log=print, serve: bool = True, block: bool = False)
     report = write_report(cfg.run_dir, summary, cfg.model_dump(mode="json"), manifest, curves)
     log("\n" + summary_table(summary))
     log(f"\nreport: {report}\nsummary: {join(cfg.run_dir, 'summary.json')}")
-    if summary["endpoint"]:
-        log("\nquery the student:\n" + _usage(summary["endpoint"], cfg.serving.model_id, _api_key(cfg)))
-    if summary["endpoint"] and block:
-        from rayjobs.serve import serve_until_stopped
+    if not summary["endpoint"]:
+        return summary
+    from rayjobs.serve import StopSignals, serve_until_stopped
 
+    stop = StopSignals() if block else None  # a signal sent once the endpoint is announced stops it cleanly
+    log("\nquery the student:\n" + _usage(summary["endpoint"], cfg.serving.model_id, _api_key(cfg)))
+    if stop:
         log("\nserving until Ctrl-C (set DEMO_EXIT=1 to exit after the query)")
-        raise SystemExit(serve_until_stopped(cfg, log))
+        raise SystemExit(serve_until_stopped(cfg, log, stop=stop))
     return summary
 
 

@@ -128,19 +128,44 @@ def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
     serving = cfg.serving
     deploy(cfg, serving, build_app, APP_NAME, "/", log)
     url = base_url(cfg)
+    stop = StopSignals() if block else None
     log(f"serving {serving.model_id} at {url}")
     key = serving.api_key_file or (f"${serving.api_key_env}" if serving.api_key_env else None)
     log(f"  try: curl {url}/models" + (f" -H \"Authorization: Bearer <key from {key}>\"" if key else ""))
     if not block:
         return url
-    raise SystemExit(serve_until_stopped(cfg, log))
+    raise SystemExit(serve_until_stopped(cfg, log, stop=stop))
 
 
-class _Stop(Exception):
-    """Raised by the signal handler so the wait loop ends on SIGTERM as on Ctrl-C."""
+class StopSignals:
+    """Records SIGINT/SIGTERM from the moment it is made, so a signal sent right after the endpoint
+    is announced (as a supervisor or a test does) stops it cleanly instead of reaching Ray's own
+    handler, which aborts the process."""
+
+    def __init__(self):
+        import signal
+
+        self.received: list[int] = []
+        self._previous = {s: signal.signal(s, self._record) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _record(self, signum, _frame) -> None:
+        self.received.append(signum)
+
+    def wait(self) -> int:
+        """Block until a signal arrives; restores the previous handlers and returns its number."""
+        import signal
+
+        try:
+            while not self.received:
+                time.sleep(0.2)
+        finally:
+            for s, h in self._previous.items():
+                signal.signal(s, h)
+        return self.received[0]
 
 
-def serve_until_stopped(cfg: PipelineConfig, log=print, app_name: str = APP_NAME) -> int:
+def serve_until_stopped(cfg: PipelineConfig, log=print, app_name: str = APP_NAME,
+                        stop: StopSignals | None = None) -> int:
     """Block until SIGINT or SIGTERM, then stop serving; returns the shell's code (130 / 143).
 
     A local Ray (started by this process) is shut down whole, which ends the replicas and their
@@ -148,22 +173,7 @@ def serve_until_stopped(cfg: PipelineConfig, log=print, app_name: str = APP_NAME
     """
     import signal
 
-    received: list[int] = []
-
-    def _handler(signum, _frame):
-        received.append(signum)
-        raise _Stop
-
-    previous = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while True:
-            time.sleep(3600)
-    except (_Stop, KeyboardInterrupt):
-        pass
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    signum = received[0] if received else signal.SIGINT
+    signum = (stop or StopSignals()).wait()
     log(f"{signal.Signals(signum).name}: stopping the endpoint")
     _teardown(cfg, app_name)
     log("stopped: endpoint, engines" + (" and the local Ray" if is_embedded(cfg.cluster) else ""))

@@ -13,7 +13,7 @@ import sys
 from rayjobs.config import PipelineConfig
 from rayjobs.entry import run_job
 from rayjobs.kuberay import TEACHER_APP_NAME  # one name, locally and in the RayService
-from rayjobs.serve import deploy, serve_until_stopped
+from rayjobs.serve import StopSignals, deploy, serve_until_stopped
 
 
 def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
@@ -22,10 +22,11 @@ def run(cfg: PipelineConfig, log=print, block: bool = True) -> str:
     t = cfg.teacher_service
     deploy(cfg, t, build_app, TEACHER_APP_NAME, t.route_prefix, log)
     url = t.local_url()
+    stop = StopSignals() if block else None
     log(f"teacher {t.model_id} scoring at {url}/v1/token_scores (top_k <= {t.limits.max_top_k})")
     if not block:
         return url
-    raise SystemExit(serve_until_stopped(cfg, log, TEACHER_APP_NAME))
+    raise SystemExit(serve_until_stopped(cfg, log, TEACHER_APP_NAME, stop))
 
 
 def main(argv: list[str] | None = None) -> int:

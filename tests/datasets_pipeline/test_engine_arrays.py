@@ -1,6 +1,7 @@
 """The array path from vLLM to the shard (#20): flat top-k, Arrow blocks <-> rows, the engine pool's settings."""
 
 import numpy as np
+import pytest
 import pyarrow as pa
 
 from datasets_pipeline import records as R
@@ -104,3 +105,9 @@ def test_requests_keep_their_params_and_the_engine_adds_flat_undecoded_logprobs(
     assert gen["logprobs"] == 8 and gen["flat_logprobs"] and not gen["detokenize"]
     score = engine_request_params(scoring_params(_cfg()))
     assert score["prompt_logprobs"] == 8 and score["flat_logprobs"] and score["max_tokens"] == 1
+
+
+def test_rows_table_names_the_fields_a_row_lacks():
+    schema = pa.schema([pa.field("sample_id", pa.string()), pa.field("topk_ids", pa.list_(pa.int32()))])
+    with pytest.raises(ValueError, match=r"\['topk_ids'\]"):
+        R.rows_table([{"sample_id": "p0/0"}], schema)

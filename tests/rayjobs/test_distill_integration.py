@@ -99,6 +99,7 @@ def build_shards(out: Path, tok, n: int, val: int, seed: int = 0, shards: int = 
             "answer": answer, "verified": True, "teacher_token_ids": teacher, "topk_k": TOPK,
             "topk_ids": ids, "topk_logprobs": np.asarray(lps, np.float16),
             "input_ids": prompt_ids + teacher, "prompt_len": len(prompt_ids), "teacher_offset": len(prompt_ids),
+            "teacher_align": [],
         })
     store = ShardStore(str(out))
     per = -(-len(rows) // shards)

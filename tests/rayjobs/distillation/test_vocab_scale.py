@@ -80,6 +80,7 @@ def _shards(out: Path, tok, n: int, val: int) -> None:
             "completion": completion, "reasoning": None, "answer": answer, "verified": True,
             "teacher_token_ids": target, "topk_k": TOPK, "topk_ids": ids, "topk_logprobs": lps,
             "input_ids": prompt + target, "prompt_len": len(prompt), "teacher_offset": len(prompt),
+            "teacher_align": [],
         })
     ShardStore(str(out)).write_shard(0, rows, [], [r["prompt_id"] for r in rows], [], {"kept": len(rows)})
 
